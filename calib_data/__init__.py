@@ -1,0 +1,1 @@
+"""quantmill.calib_data"""

@@ -1,0 +1,1 @@
+"""quantmill.convert"""

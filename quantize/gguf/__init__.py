@@ -1,0 +1,1 @@
+"""quantmill.quantize.gguf"""

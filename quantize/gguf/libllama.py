@@ -1,0 +1,327 @@
+"""GGUF quantization through libllama's ``llama_model_quantize`` (llama-cpp-python's ctypes).
+
+The quantization itself is llama.cpp's: quantmill builds the parameter struct (file type,
+per-tensor overrides, threads), checks the request up front so that mistakes are one-line
+errors instead of libllama aborts, writes under a temporary name and renames, and then reads
+the result back to report what each tensor really became.
+
+libllama's log goes to the ``quantmill.libllama`` logger instead of stderr; see
+:func:`libllama_log`.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gguf.constants import GGMLQuantizationType
+
+from quantmill.atomic import atomic_file
+from quantmill.errors import ToolError, UnsupportedError, UserInputError
+from quantmill.quantize.gguf.inspect import GGUFSummary, check_gguf_magic, summarize_gguf
+from quantmill.quantize.gguf.types import (
+    FILE_TYPES,
+    ALIASES,
+    GGUFFileType,
+    lookup_file_type,
+    parse_tensor_type,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+LOG = logging.getLogger("quantmill.libllama")
+
+# ggml_log_level → Python logging level (GGML_LOG_LEVEL_CONT continues the previous line).
+_GGML_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_GGML_LEVEL_CONT = 5
+
+# Tensor types llama.cpp refuses to produce without an importance matrix.
+IMATRIX_TENSOR_TYPES = frozenset(
+    {
+        GGMLQuantizationType.IQ1_S,
+        GGMLQuantizationType.IQ1_M,
+        GGMLQuantizationType.IQ2_XXS,
+        GGMLQuantizationType.IQ2_XS,
+        GGMLQuantizationType.IQ2_S,
+        GGMLQuantizationType.IQ3_XXS,
+    }
+)
+_FLOAT_TYPE_NAMES = frozenset({"F32", "F16", "BF16"})
+
+# libllama's per-tensor fallback warning (src/llama-quant.cpp, tensor_type_fallback).
+_FALLBACK_RE = re.compile(
+    r"warning: (?P<name>\S+)\s+- ncols\s+(?P<ncols>\d+) not divisible by\s+(?P<block>\d+)"
+    r" \(required for type\s+(?P<wanted>\S+)\)\s*(?:\(WARNING:[^)]*\)\s*)?-> falling back to\s+(?P<used>\S+)"
+)
+
+
+# --------------------------------------------------------------------------- log routing
+
+
+@dataclass
+class LibllamaLog:
+    """Text libllama logged while a :func:`libllama_log` block was active."""
+
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    _level: int = logging.DEBUG
+
+    def add(self, ggml_level: int, text: str) -> None:
+        level = self._level if ggml_level == _GGML_LEVEL_CONT else _GGML_LEVELS.get(ggml_level, logging.DEBUG)
+        self._level = level
+        if level >= logging.ERROR:
+            self.errors.append(text)
+        elif level >= logging.WARNING:
+            self.warnings.append(text)
+        if text.strip():
+            LOG.log(level if level < logging.WARNING else logging.INFO, "%s", text.rstrip("\n"))
+
+    def error_summary(self) -> str:
+        lines = [ln.strip(" =\n") for ln in "".join(self.errors).splitlines()]
+        return "; ".join(ln for ln in lines if ln) or "no message from libllama"
+
+
+_active_log: list[LibllamaLog] = []
+
+
+def _on_log(level: int, text: bytes | None, _user_data: ctypes.c_void_p) -> None:
+    message = (text or b"").decode("utf-8", errors="replace")
+    if _active_log:
+        _active_log[-1].add(level, message)
+    elif level in (3, 4):
+        LOG.debug("%s", message.rstrip("\n"))
+
+
+@functools.cache
+def _install_log_callback() -> object:
+    """Route libllama/ggml logging through :func:`_on_log` (once per process)."""
+    import llama_cpp
+
+    callback = llama_cpp.llama_log_callback(_on_log)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    return callback  # cached: the ctypes callback must outlive every libllama call
+
+
+@contextlib.contextmanager
+def libllama_log() -> Iterator[LibllamaLog]:
+    """Collect libllama's log during the block; nothing of it reaches stderr."""
+    _install_log_callback()
+    log = LibllamaLog()
+    _active_log.append(log)
+    try:
+        yield log
+    finally:
+        _active_log.remove(log)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class TensorOverride:
+    """``REGEX=TYPE``: tensors whose name matches REGEX (searched, as libllama does) get TYPE."""
+
+    pattern: str
+    tensor_type: GGMLQuantizationType
+
+    @classmethod
+    def parse(cls, spec: str) -> TensorOverride:
+        pattern, sep, type_name = spec.rpartition("=")
+        if not sep or not pattern or not type_name:
+            raise UserInputError(
+                f"--override-tensor {spec!r}: expected REGEX=TYPE, e.g. 'ffn_down=Q6_K'"
+            )
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UserInputError(f"--override-tensor {spec!r}: bad regular expression ({exc})") from exc
+        return cls(pattern, parse_tensor_type(type_name))
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A tensor libllama gave another type than the mix asked for, because of its row length."""
+
+    tensor: str
+    row_length: int
+    wanted: str
+    used: str
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    output: Path
+    file_type: GGUFFileType
+    summary: GGUFSummary
+    fallbacks: tuple[Fallback, ...]
+    seconds: float
+
+
+_TYPE_SUFFIX_RE = re.compile(
+    r"^(?P<stem>.+?)[-.](?P<type>"
+    + "|".join(sorted({*FILE_TYPES, *ALIASES}, key=len, reverse=True))
+    + r")$",
+    re.IGNORECASE,
+)
+
+
+def default_output_path(source: Path, file_type: GGUFFileType) -> Path:
+    """llama.cpp naming: ``X-F16.gguf`` → ``X-Q4_K_M.gguf``; a name with no type gets ``-TYPE``."""
+    source = Path(source)
+    stem = source.stem if source.suffix.lower() == ".gguf" else source.name
+    match = _TYPE_SUFFIX_RE.match(stem)
+    base = match.group("stem") if match else stem
+    return source.with_name(f"{base}-{file_type.name}.gguf")
+
+
+def parse_overrides(specs: Sequence[str]) -> tuple[TensorOverride, ...]:
+    return tuple(TensorOverride.parse(spec) for spec in specs)
+
+
+def _check_request(
+    source: Path,
+    output: Path,
+    file_type: GGUFFileType,
+    overrides: Sequence[TensorOverride],
+    allow_requantize: bool,
+    imatrix: Mapping[str, np.ndarray] | None,
+) -> None:
+    if imatrix is not None:
+        raise UnsupportedError(
+            "imatrix: importance matrices are not supported by this version of quantmill; "
+            "quantize without one"
+        )
+    if file_type.needs_imatrix:
+        raise UnsupportedError(
+            f"--type {file_type.name}: this type needs an importance matrix; choose a type that "
+            f"does not (e.g. Q4_K_M, IQ4_XS)"
+        )
+    if output.resolve() == source.resolve():
+        raise UserInputError(f"{output}: output would overwrite the input; pass --out with another name")
+    if overrides and not file_type.is_quantized:
+        raise UnsupportedError(
+            f"--override-tensor: libllama ignores overrides for --type {file_type.name}; "
+            "use a quantized type or drop the overrides"
+        )
+    for override in overrides:
+        if override.tensor_type in IMATRIX_TENSOR_TYPES:
+            raise UnsupportedError(
+                f"--override-tensor {override.pattern}={override.tensor_type.name}: this tensor type "
+                "needs an importance matrix; choose another type"
+            )
+    summary = summarize_gguf(source)
+    names = [t.name for t in summary.tensors]
+    for override in overrides:
+        if not any(re.search(override.pattern, name) for name in names):
+            raise UserInputError(
+                f"--override-tensor {override.pattern!r}: matches no tensor in {source}; "
+                f"tensor names look like {names[len(names) // 2]!r}"
+            )
+    requantized = sorted(
+        t.name for t in summary.tensors if len(t.shape) >= 2 and t.type_name not in _FLOAT_TYPE_NAMES
+    )
+    if requantized and not allow_requantize:
+        raise UserInputError(
+            f"{source}: already quantized ({len(requantized)} tensors, e.g. {requantized[0]}); "
+            "start from an F32/F16/BF16 GGUF, or pass --allow-requantize (compounds the error)"
+        )
+
+
+def _build_params(
+    file_type: GGUFFileType,
+    overrides: Sequence[TensorOverride],
+    threads: int | None,
+    allow_requantize: bool,
+) -> tuple[object, object | None, list[bytes]]:
+    """The ``llama_model_quantize_params`` struct, plus objects that must stay alive with it."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = file_type.ftype_value
+    params.nthread = threads if threads and threads > 0 else 0
+    params.allow_requantize = allow_requantize
+    keep_alive: list[bytes] = []
+    table = None
+    if overrides:
+        # NULL-pattern-terminated array, as llama-quantize builds it for --tensor-type.
+        table = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, override in enumerate(overrides):
+            pattern = override.pattern.encode("utf-8")
+            keep_alive.append(pattern)
+            table[i].pattern = pattern
+            table[i].type = int(override.tensor_type)
+        table[len(overrides)].pattern = None  # the terminator; its type is never read
+        params.tt_overrides = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    return params, table, keep_alive
+
+
+def _parse_fallbacks(warnings: Sequence[str]) -> tuple[Fallback, ...]:
+    text = "".join(warnings)
+    found = {
+        m.group("name"): Fallback(
+            tensor=m.group("name"),
+            row_length=int(m.group("ncols")),
+            wanted=m.group("wanted").upper(),
+            used=m.group("used").upper(),
+        )
+        for m in _FALLBACK_RE.finditer(text)
+    }
+    return tuple(found[name] for name in sorted(found))
+
+
+def quantize_gguf(
+    source: str | Path,
+    file_type: str | GGUFFileType,
+    output: str | Path | None = None,
+    *,
+    overrides: Sequence[TensorOverride] = (),
+    threads: int | None = None,
+    allow_requantize: bool = False,
+    imatrix: Mapping[str, np.ndarray] | None = None,
+) -> QuantizeResult:
+    """Quantize the GGUF ``source`` to ``file_type`` with libllama; return what was written.
+
+    ``output`` defaults to :func:`default_output_path`. ``overrides`` give tensors matching a
+    regex another tensor type (first match wins, as in ``llama-quantize --tensor-type``).
+    ``threads`` ≤ 0 or None lets libllama use every hardware thread.
+
+    ``imatrix`` is the hook for importance-matrix quantization: tensor name (``blk.0.ffn_down.weight``)
+    → float32 vector of the mean squared input activation per input column (Σx²/count; length =
+    the tensor's row length, times the expert count for MoE tensors). It is not implemented
+    yet: passing one raises UnsupportedError.
+    """
+    source = Path(source)
+    check_gguf_magic(source)
+    spec = file_type if isinstance(file_type, GGUFFileType) else lookup_file_type(file_type)
+    target = Path(output) if output is not None else default_output_path(source, spec)
+    _check_request(source, target, spec, overrides, allow_requantize, imatrix)
+
+    import llama_cpp
+
+    params, _table, _keep = _build_params(spec, overrides, threads, allow_requantize)
+    started = time.perf_counter()
+    with atomic_file(target) as tmp, libllama_log() as log:
+        status = llama_cpp.llama_model_quantize(
+            os.fsencode(source), os.fsencode(tmp), ctypes.byref(params)
+        )
+        if status != 0:
+            raise ToolError(f"{source}: libllama could not quantize to {spec.name}: {log.error_summary()}")
+        fallbacks = _parse_fallbacks(log.warnings)
+    seconds = time.perf_counter() - started
+    return QuantizeResult(
+        output=target,
+        file_type=spec,
+        summary=summarize_gguf(target),
+        fallbacks=fallbacks,
+        seconds=seconds,
+    )

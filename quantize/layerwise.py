@@ -1,0 +1,275 @@
+"""Run calibration sequences through a causal LM one decoder layer at a time.
+
+Only the token embedding rows that the sequences use and one decoder layer are ever in
+memory: each layer is built empty (on the meta device) from transformers' own decoder
+layer class, filled from the memory-mapped safetensors, run over every sequence, and
+freed before the next one. The hidden states of all sequences (samples x seqlen x
+hidden) are kept between layers; they are the only thing that grows with the inputs.
+
+The per-layer step is the shared engine of the imatrix statistics pass and of GPTQ:
+
+    runner = LayerwiseRunner(model_dir, token_ids)
+    for step in runner.layers():
+        step.run(observers={"self_attn.q_proj": fn, ...}, update=False)  # inputs only
+        ...                                   # e.g. quantize those linears in place
+        step.run(observers={}, update=True)   # outputs become the next layer's inputs
+
+An observer receives each batch's input of its linear as a (tokens, in_features) tensor.
+Architectures are rows of ``ARCHITECTURES`` (keyed by config.json's ``model_type``).
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from quantmill.errors import InputFileError, UnsupportedError, UserInputError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from quantmill.convert.safetensors_io import Checkpoint
+
+Observer = Callable[["torch.Tensor"], None]
+DEFAULT_BATCH_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class DecoderArch:
+    """How to rebuild one decoder layer of an architecture from transformers' classes."""
+
+    model_type: str
+    module: str  # transformers module holding the classes below
+    config_class: str
+    layer_class: str
+    rotary_class: str
+    gguf_arch: str  # gguf.MODEL_ARCH member name, for GGUF tensor names
+    # linears of one layer, grouped in execution order (GPTQ's true-sequential groups)
+    linear_groups: tuple[tuple[str, ...], ...]
+    embed_weight: str = "model.embed_tokens.weight"
+    layer_prefix: str = "model.layers.{index}."
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        return tuple(name for group in self.linear_groups for name in group)
+
+    def hf_linear_name(self, index: int, linear: str) -> str:
+        """Full checkpoint module name, e.g. ``model.layers.3.self_attn.q_proj``."""
+        return self.layer_prefix.format(index=index) + linear
+
+    def load_class(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self.module), getattr(self, attr))
+
+
+ARCHITECTURES: dict[str, DecoderArch] = {
+    "llama": DecoderArch(
+        model_type="llama",
+        module="transformers.models.llama.modeling_llama",
+        config_class="LlamaConfig",
+        layer_class="LlamaDecoderLayer",
+        rotary_class="LlamaRotaryEmbedding",
+        gguf_arch="LLAMA",
+        linear_groups=(
+            ("self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"),
+            ("self_attn.o_proj",),
+            ("mlp.gate_proj", "mlp.up_proj"),
+            ("mlp.down_proj",),
+        ),
+    ),
+}
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise InputFileError(path, "no config.json in the model directory", "pass a Hugging Face model directory") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputFileError(path, f"cannot be read as JSON ({exc})", "re-save the model's config") from exc
+    if not isinstance(config, dict):
+        raise InputFileError(path, "is not a JSON object", "re-save the model's config")
+    return config
+
+
+def arch_for(model_dir: Path, config: Mapping[str, Any]) -> DecoderArch:
+    model_type = config.get("model_type")
+    arch = ARCHITECTURES.get(str(model_type))
+    if arch is None:
+        raise UnsupportedError(
+            f"{Path(model_dir) / 'config.json'}: model_type {model_type!r} is not supported by the layer-by-layer"
+            f" statistics pass (supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    return arch
+
+
+def _tensor(ckpt: Checkpoint, name: str, dtype: torch.dtype, device: torch.device, rows: np.ndarray | None = None) -> torch.Tensor:
+    """Copy one tensor (or some of its rows) out of the memory map, then drop its pages."""
+    import torch
+
+    from quantmill.convert.safetensors_io import to_float32
+
+    entry = ckpt.entries[name]
+    view = ckpt.array(name)
+    picked = view[rows] if rows is not None else view
+    out = torch.from_numpy(np.ascontiguousarray(to_float32(picked, entry.dtype))).to(device=device, dtype=dtype)
+    del view, picked
+    ckpt.release(name)
+    return out
+
+
+class DecoderLayerStep:
+    """One decoder layer, loaded, with the hidden states of every calibration sequence."""
+
+    def __init__(self, runner: LayerwiseRunner, index: int, module: nn.Module) -> None:
+        self.runner = runner
+        self.index = index
+        self.module = module
+        self.updated = False
+
+    @property
+    def arch(self) -> DecoderArch:
+        return self.runner.arch
+
+    def linears(self) -> dict[str, nn.Linear]:
+        """The layer's linears by relative name, in execution order."""
+        return {name: self.module.get_submodule(name) for name in self.arch.linear_names}
+
+    def hf_name(self, linear: str) -> str:
+        return self.arch.hf_linear_name(self.index, linear)
+
+    def run(self, observers: Mapping[str, Observer], update: bool) -> None:
+        """Forward every sequence; feed linear inputs to ``observers``; optionally advance the hidden states."""
+        import torch
+
+        if self.updated:
+            raise RuntimeError(f"layer {self.index} already advanced its hidden states")
+        handles = []
+        for name, observer in sorted(observers.items()):
+            linear = self.module.get_submodule(name)
+
+            def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...], _obs: Observer = observer) -> None:
+                x = args[0]
+                _obs(x.reshape(-1, x.shape[-1]))
+
+            handles.append(linear.register_forward_pre_hook(hook))
+        try:
+            hidden = self.runner.hidden
+            with torch.inference_mode():
+                for start in range(0, hidden.shape[0], self.runner.batch_size):
+                    batch = hidden[start : start + self.runner.batch_size]
+                    out = self.module(batch, position_embeddings=self.runner.position_embeddings(batch.shape[0]))
+                    if isinstance(out, tuple):  # older transformers return (hidden,)
+                        out = out[0]
+                    if update:
+                        batch.copy_(out)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.updated = update
+
+
+class LayerwiseRunner:
+    """Embeds the calibration sequences, then yields one loaded decoder layer at a time."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        token_ids: np.ndarray,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        progress: bool = True,
+        desc: str = "layers",
+    ) -> None:
+        import torch
+
+        self.model_dir = Path(model_dir)
+        self.raw_config = read_config(self.model_dir)
+        self.arch = arch_for(self.model_dir, self.raw_config)
+        ids = np.asarray(token_ids)
+        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise UserInputError(f"calibration token ids must be a non-empty (samples, seqlen) array, got shape {ids.shape}")
+        self.token_ids = ids.astype(np.int64)
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
+        self.batch_size = max(1, batch_tokens // ids.shape[1])
+        self.progress = progress
+        self.desc = desc
+        config_cls = self.arch.load_class("config_class")
+        self.config = config_cls.from_dict(self.raw_config)
+        self.config._attn_implementation = "sdpa"  # causal by itself when no mask is given
+        self.n_layers = int(self.config.num_hidden_layers)
+        self.hidden: torch.Tensor = torch.empty(0)
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def position_embeddings(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self._cos_sin  # type: ignore[misc]
+        return cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+
+    def _embed(self, ckpt: Checkpoint) -> None:
+        import torch
+
+        name = self.arch.embed_weight
+        if name not in ckpt:
+            raise InputFileError(self.model_dir, f"checkpoint has no {name!r} tensor", "pass a complete checkpoint")
+        rows = ckpt.entries[name].shape[0]
+        top = int(self.token_ids.max())
+        if self.token_ids.min() < 0 or top >= rows:
+            raise UserInputError(
+                f"{self.model_dir}: calibration token id {top} is outside the embedding's {rows} rows;"
+                " tokenize with this model's own tokenizer"
+            )
+        unique, inverse = np.unique(self.token_ids, return_inverse=True)
+        table = _tensor(ckpt, name, self.dtype, self.device, rows=unique)
+        index = torch.from_numpy(inverse.reshape(self.token_ids.shape)).to(self.device)
+        self.hidden = table[index]
+        del table, index
+        rotary = self.arch.load_class("rotary_class")(config=self.config).to(self.device)
+        positions = torch.arange(self.token_ids.shape[1], device=self.device)[None, :]
+        with torch.inference_mode():
+            self._cos_sin = rotary(self.hidden[:1], positions)
+
+    def _load_layer(self, ckpt: Checkpoint, index: int) -> nn.Module:
+        import torch
+
+        layer_cls = self.arch.load_class("layer_class")
+        with torch.device("meta"):
+            module = layer_cls(self.config, layer_idx=index)
+        prefix = self.arch.layer_prefix.format(index=index)
+        state: dict[str, torch.Tensor] = {}
+        for key in sorted(module.state_dict()):
+            name = prefix + key
+            if name not in ckpt:
+                raise InputFileError(self.model_dir, f"checkpoint has no tensor {name!r}", "pass a complete checkpoint")
+            state[key] = _tensor(ckpt, name, self.dtype, self.device)
+        module.load_state_dict(state, strict=True, assign=True)
+        return module.eval()
+
+    def layers(self) -> Iterator[DecoderLayerStep]:
+        """Yield each decoder layer in order; the caller must ``run(..., update=True)`` each one."""
+        from tqdm import tqdm
+
+        from quantmill.convert.safetensors_io import Checkpoint
+
+        with Checkpoint(self.model_dir) as ckpt:
+            self._embed(ckpt)
+            bar = tqdm(range(self.n_layers), desc=self.desc, unit="layer", disable=not self.progress, leave=False)
+            for index in bar:
+                step = DecoderLayerStep(self, index, self._load_layer(ckpt, index))
+                yield step
+                if not step.updated:
+                    raise RuntimeError(f"layer {index} was not advanced: call step.run(..., update=True)")
+                step.module = None  # type: ignore[assignment]
+                del step
+                gc.collect()
+            bar.close()
+        self.hidden = self.hidden.new_empty(0)
