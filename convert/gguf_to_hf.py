@@ -9,7 +9,6 @@ temporary directory that replaces ``out_dir`` only when complete.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 from collections.abc import Callable, Iterator
@@ -22,15 +21,15 @@ import numpy as np
 from quantmill.atomic import atomic_dir
 from quantmill.convert.gguf_reader import GGUFFile
 from quantmill.convert.gguf_tokenizer import GGUFVocab, tokenizer_files, vocab_from_gguf
-from quantmill.errors import InputFileError, UnsupportedError, UserInputError
+from quantmill.errors import InputFileError, ToolError, UnsupportedError, UserInputError
 
 SAFETENSORS_NAME = "model.safetensors"
 
-# output dtype -> (torch dtype name, safetensors dtype code)
-DTYPES: dict[str, tuple[str, str]] = {
-    "float16": ("float16", "F16"),
-    "bfloat16": ("bfloat16", "BF16"),
-    "float32": ("float32", "F32"),
+# output dtype -> (safetensors dtype code, bytes per element)
+DTYPES: dict[str, tuple[str, int]] = {
+    "float16": ("F16", 2),
+    "bfloat16": ("BF16", 2),
+    "float32": ("F32", 4),
 }
 
 
@@ -238,12 +237,12 @@ def write_safetensors(
     path: Path, plans: list[TensorPlan], produce: Callable[[TensorPlan], bytes], dtype: str, progress: bool = True
 ) -> None:
     """Stream tensors into ``path``: header first (offsets known from shapes), then data in name order."""
-    itemsize = np.dtype({"float16": np.float16, "bfloat16": np.int16, "float32": np.float32}[dtype]).itemsize
+    code, itemsize = DTYPES[dtype]
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for plan in plans:
         size = int(np.prod(plan.shape)) * itemsize
-        header[plan.hf_name] = {"dtype": DTYPES[dtype][1], "shape": list(plan.shape), "data_offsets": [offset, offset + size]}
+        header[plan.hf_name] = {"dtype": code, "shape": list(plan.shape), "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
@@ -252,9 +251,9 @@ def write_safetensors(
         handle.write(blob)
         for plan in _progress(plans, progress):
             data = produce(plan)
-            expected = header[plan.hf_name]["data_offsets"]
-            if len(data) != expected[1] - expected[0]:
-                raise UnsupportedError(f"tensor {plan.gguf_name} produced {len(data)} bytes, expected {expected[1] - expected[0]}")
+            start, end = header[plan.hf_name]["data_offsets"]
+            if len(data) != end - start:
+                raise ToolError(f"tensor {plan.gguf_name} dequantized to {len(data)} bytes, expected {end - start}")
             handle.write(data)
 
 
@@ -287,12 +286,5 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float16
         write_safetensors(
             tmp / SAFETENSORS_NAME, plans, lambda p: _cast_bytes(hf_tensor(gguf_file, p), dtype), dtype, progress
         )
-        _apply_umask(tmp)
     return out_dir
 
-
-def _apply_umask(directory: Path) -> None:
-    """Temporary directories are created 0700; give the finished one the mode a new directory gets."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)

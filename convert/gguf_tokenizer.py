@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quantmill.convert.gguf_reader import GGUFFile
-from quantmill.errors import UnsupportedError
+from quantmill.errors import InputFileError, UnsupportedError
 
 # gguf.TokenType values (facts of the format)
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -48,12 +48,13 @@ class PreTokenizerSpec:
     regexes: tuple[str, ...]
     ignore_merges: bool = False  # a word that is itself a token is not merged piecewise
     clean_spaces: bool = True  # llama.cpp's detokenizer clean-up ("a ." -> "a.")
+    add_bos: bool = False  # what llama.cpp assumes when the GGUF has no add_bos_token key
 
 
 _DEFAULT_SPEC = PreTokenizerSpec((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"))
 _GPT2_SPEC = PreTokenizerSpec((_GPT2,))
 _DIGITS_GPT2_SPEC = PreTokenizerSpec((r"\p{N}", _GPT2))
-_LLAMA3_SPEC = PreTokenizerSpec((_LLAMA3,), ignore_merges=True)
+_LLAMA3_SPEC = PreTokenizerSpec((_LLAMA3,), ignore_merges=True, add_bos=True)
 _QWEN2_SPEC = PreTokenizerSpec((_QWEN2,), clean_spaces=False)
 
 
@@ -69,7 +70,7 @@ BPE_PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
     **_family(_DIGITS_GPT2_SPEC, "starcoder", "refact", "codeshell", "exaone", "minerva-7b", "mellum2"),
     **_family(_DIGITS_GPT2_SPEC, "smollm", "command-r", clean_spaces=False),
     **_family(_LLAMA3_SPEC, "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "lfm2"),
-    **_family(_LLAMA3_SPEC, "dbrx", "smaug-bpe", ignore_merges=False),
+    **_family(_LLAMA3_SPEC, "dbrx", "smaug-bpe", ignore_merges=False, add_bos=False),
     **_family(_QWEN2_SPEC, "qwen2", "deepseek-r1-qwen", "megrez"),
     **_family(_QWEN2_SPEC, "stablelm2", clean_spaces=True),
 }
@@ -98,6 +99,23 @@ class GGUFVocab:
     def token(self, token_id: int | None) -> str | None:
         return None if token_id is None else self.tokens[token_id]
 
+    @property
+    def is_spm(self) -> bool:
+        return self.model == "llama"
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether llama.cpp prepends BOS: the GGUF key, else its default for this vocabulary."""
+        if self.add_bos is not None:
+            return self.add_bos
+        return True if self.is_spm else bpe_pre_tokenizer_spec(self.pre).add_bos
+
+    @property
+    def adds_space_prefix(self) -> bool:
+        if self.add_space_prefix is not None:
+            return self.add_space_prefix
+        return self.is_spm
+
 
 def vocab_from_gguf(gguf_file: GGUFFile) -> GGUFVocab:
     """Read the ``tokenizer.ggml.*`` keys (and the chat template) of an open GGUF."""
@@ -108,9 +126,9 @@ def vocab_from_gguf(gguf_file: GGUFFile) -> GGUFVocab:
     ids = {name: gguf_file.get_int(f"{key}{name}_token_id") for name in ("bos", "eos", "unknown", "padding", "eot")}
     for name, token_id in ids.items():
         if token_id is not None and not 0 <= token_id < n_tokens:
-            raise UnsupportedError(
-                f"{gguf_file.path}: {key}{name}_token_id = {token_id} is outside the vocabulary of {n_tokens}; "
-                "re-create the GGUF"
+            raise InputFileError(
+                gguf_file.path, f"{key}{name}_token_id = {token_id} is outside the vocabulary of {n_tokens}",
+                "re-create the GGUF",
             )
     return GGUFVocab(
         model=gguf_file.require_str(key + "model"),
@@ -158,14 +176,16 @@ def _build_bpe(vocab: GGUFVocab) -> Any:
         [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)]
     )
     tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    tokenizer.post_processor = _template(vocab, default_bos=False) or processors.ByteLevel(trim_offsets=False)
+    tokenizer.post_processor = _template(vocab) or processors.ByteLevel(trim_offsets=False)
     return tokenizer
 
 
 def _split_merge(merge: str) -> tuple[str, str]:
     left, sep, right = merge.partition(" ")
     if not sep or not left or not right:
-        raise UnsupportedError(f"tokenizer.ggml.merges entry {merge!r} is not 'LEFT RIGHT'; the GGUF vocabulary is damaged")
+        raise UnsupportedError(
+            f"tokenizer.ggml.merges entry {merge!r} is not 'LEFT RIGHT'; the GGUF vocabulary is damaged, re-create it"
+        )
     return left, right
 
 
@@ -195,14 +215,14 @@ def _build_spm(vocab: GGUFVocab) -> Any:
         vocab=_vocab_dict(vocab), merges=_spm_merges(vocab), unk_token=unk, fuse_unk=True, byte_fallback=True
     )
     tokenizer = Tokenizer(model)
-    add_prefix = True if vocab.add_space_prefix is None else vocab.add_space_prefix
+    add_prefix = vocab.adds_space_prefix
     steps = [normalizers.Prepend(SPM_SPACE)] if add_prefix else []
     tokenizer.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPM_SPACE)])
     strip = [decoders.Strip(" ", 1, 0)] if add_prefix else []
     tokenizer.decoder = decoders.Sequence(
         [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip]
     )
-    template = _template(vocab, default_bos=True)
+    template = _template(vocab)
     if template is not None:
         tokenizer.post_processor = template
     return tokenizer
@@ -221,12 +241,11 @@ def _vocab_dict(vocab: GGUFVocab) -> dict[str, int]:
     return table
 
 
-def _template(vocab: GGUFVocab, default_bos: bool) -> Any:
-    """A post-processor adding BOS/EOS when the GGUF asks for them, else None."""
+def _template(vocab: GGUFVocab) -> Any:
+    """A post-processor adding BOS/EOS when llama.cpp would add them, else None."""
     from tokenizers import processors
 
-    add_bos = default_bos if vocab.add_bos is None else vocab.add_bos
-    bos = vocab.token(vocab.bos_id) if add_bos else None
+    bos = vocab.token(vocab.bos_id) if vocab.adds_bos else None
     eos = vocab.token(vocab.eos_id) if vocab.add_eos else None
     if bos is None and eos is None:
         return None
@@ -241,13 +260,12 @@ def _template(vocab: GGUFVocab, default_bos: bool) -> Any:
 def _added_tokens(vocab: GGUFVocab) -> list[Any]:
     from tokenizers import AddedToken
 
-    added = []
-    for token, kind in zip(vocab.tokens, vocab.token_types, strict=True):
-        if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN):
-            added.append(AddedToken(token, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False))
-        elif kind == TOKEN_USER_DEFINED:
-            added.append(AddedToken(token, special=False, normalized=False, lstrip=False, rstrip=False, single_word=False))
-    return added
+    special_by_kind = {TOKEN_CONTROL: True, TOKEN_UNKNOWN: True, TOKEN_USER_DEFINED: False}
+    return [
+        AddedToken(token, special=special_by_kind[kind], normalized=False, lstrip=False, rstrip=False)
+        for token, kind in zip(vocab.tokens, vocab.token_types, strict=True)
+        if kind in special_by_kind
+    ]
 
 
 _BUILDERS: dict[str, Callable[[GGUFVocab], Any]] = {"gpt2": _build_bpe, "llama": _build_spm}
@@ -257,7 +275,8 @@ def build_tokenizer(vocab: GGUFVocab) -> Any:
     """A ``tokenizers.Tokenizer`` that tokenizes as llama.cpp does for this vocabulary."""
     if len(vocab.tokens) != len(vocab.token_types):
         raise UnsupportedError(
-            f"tokenizer.ggml.token_type has {len(vocab.token_types)} entries for {len(vocab.tokens)} tokens; re-create the GGUF"
+            f"tokenizer.ggml.token_type has {len(vocab.token_types)} entries for {len(vocab.tokens)} tokens; "
+            "re-create the GGUF"
         )
     builder = _BUILDERS.get(vocab.model)
     if builder is None:
@@ -284,13 +303,11 @@ def tokenizer_files(vocab: GGUFVocab, model_max_length: int) -> dict[str, str]:
         for t, kind in zip(vocab.tokens, vocab.token_types, strict=True)
         if kind == TOKEN_CONTROL and t not in named.values()
     ]
-    is_spm = vocab.model == "llama"
-    add_bos = bool(vocab.add_bos if vocab.add_bos is not None else is_spm)
-    clean = False if is_spm else bpe_pre_tokenizer_spec(vocab.pre).clean_spaces
+    clean = False if vocab.is_spm else bpe_pre_tokenizer_spec(vocab.pre).clean_spaces
     config: dict[str, Any] = {
-        "add_bos_token": add_bos,
-        "add_eos_token": bool(vocab.add_eos),
-        "add_prefix_space": bool(vocab.add_space_prefix) if is_spm else False,
+        "add_bos_token": vocab.adds_bos and vocab.bos_id is not None,
+        "add_eos_token": bool(vocab.add_eos) and vocab.eos_id is not None,
+        "add_prefix_space": vocab.adds_space_prefix,
         "clean_up_tokenization_spaces": clean,
         "model_max_length": model_max_length,
         "tokenizer_class": "PreTrainedTokenizerFast",

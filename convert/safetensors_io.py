@@ -166,14 +166,21 @@ class SafetensorsFile:
         flat = np.frombuffer(self._map, dtype=np_dtype, count=entry.n_elements, offset=entry.offset)
         return flat.reshape(entry.shape)
 
-    def release(self, name: str) -> None:
-        """Drop the pages of ``name`` from this process's resident memory (they stay in the page cache)."""
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Drop bytes [start, stop) of tensor ``name`` from this process's resident memory.
+
+        The pages stay in the kernel's page cache; touching them again faults them back in.
+        """
         entry = self.entries[name]
-        if self._map is None or entry.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        stop = entry.nbytes if stop is None else min(stop, entry.nbytes)
+        if self._map is None or stop <= start or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        page = mmap.PAGESIZE
-        start = entry.offset - entry.offset % page
-        self._map.madvise(mmap.MADV_DONTNEED, start, entry.offset + entry.nbytes - start)
+        begin = entry.offset + start
+        begin -= begin % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, begin, entry.offset + stop - begin)
+
+    def fileno(self) -> int:
+        return self._file.fileno()
 
     def close(self) -> None:
         if self._map is not None:
@@ -264,6 +271,16 @@ class Checkpoint:
 
     def release(self, name: str) -> None:
         self._owner[name].release(name)
+
+    def fileno(self, name: str) -> int:
+        """File descriptor of the file holding tensor ``name``."""
+        return self._owner[name].fileno()
+
+    def release_rows(self, name: str, start: int, stop: int) -> None:
+        """Release rows [start, stop) of tensor ``name`` (rows along its first axis, flattened)."""
+        entry = self.entries[name]
+        row_bytes = entry.nbytes // max(1, prod(entry.shape[:-1]))
+        self._owner[name].release(name, start * row_bytes, stop * row_bytes)
 
     def iter_tensors(self) -> Iterator[tuple[TensorEntry, np.ndarray]]:
         """Yield (entry, zero-copy view) one tensor at a time, releasing each after use."""

@@ -19,6 +19,9 @@ Architectures are rows of ``ARCHITECTURES`` (keyed by config.json's ``model_type
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import gc
 import importlib
 import json
@@ -123,6 +126,41 @@ def _tensor(ckpt: Checkpoint, name: str, dtype: torch.dtype, device: torch.devic
     del view, picked
     ckpt.release(name)
     return out
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+@functools.cache
+def bound_heap_growth() -> bool:
+    """Make glibc serve every block of 1 MiB or more with mmap, so freeing it returns it to the OS.
+
+    By default glibc raises that threshold after the first large free, after which each
+    layer's weights and activations come from the heap, where small long-lived tensors pin
+    them: peak RSS then creeps up layer after layer (measured: +380 MB over SmolLM2's 30
+    layers). A fixed threshold keeps peak memory flat. Process-wide; no-op off glibc.
+    """
+    libc = _glibc()
+    return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand free heap pages back to the OS (glibc ``malloc_trim``)."""
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 class DecoderLayerStep:
@@ -260,6 +298,7 @@ class LayerwiseRunner:
 
         from quantmill.convert.safetensors_io import Checkpoint
 
+        bound_heap_growth()
         with Checkpoint(self.model_dir) as ckpt:
             self._embed(ckpt)
             bar = tqdm(range(self.n_layers), desc=self.desc, unit="layer", disable=not self.progress, leave=False)
@@ -270,6 +309,6 @@ class LayerwiseRunner:
                     raise RuntimeError(f"layer {index} was not advanced: call step.run(..., update=True)")
                 step.module = None  # type: ignore[assignment]
                 del step
-                gc.collect()
+                release_freed_memory()
             bar.close()
         self.hidden = self.hidden.new_empty(0)

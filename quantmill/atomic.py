@@ -15,6 +15,12 @@ from pathlib import Path
 from quantmill.errors import OutputError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def ensure_writable_dir(directory: Path) -> None:
     """Create ``directory`` if needed and check it can be written, or raise OutputError."""
     try:
@@ -35,6 +41,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    tmp.chmod(0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual mode
     try:
         yield tmp
         os.replace(tmp, final)
@@ -49,6 +56,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     ensure_writable_dir(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a finished directory gets the usual mode
     try:
         yield tmp
         if final.exists():

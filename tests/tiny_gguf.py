@@ -21,7 +21,8 @@ CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['conte
 
 def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     """The row permutation llama.cpp's convert_hf_to_gguf.py applies to llama Q/K weights."""
-    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    rows = weights.shape[0]
+    return weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
 def training_text() -> str:
@@ -152,7 +153,11 @@ _GGUF_NAMES = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
-_GGUF_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+_GGUF_GLOBAL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 
 
 def gguf_name(hf_name: str) -> str:
@@ -195,7 +200,8 @@ def write_tiny_gguf(
         writer.add_token_merges(vocab.merges)
     if vocab.scores:
         writer.add_token_scores(vocab.scores)
-    for setter, value in (("add_bos_token_id", vocab.bos_id), ("add_eos_token_id", vocab.eos_id), ("add_unk_token_id", vocab.unk_id)):
+    special_ids = {"add_bos_token_id": vocab.bos_id, "add_eos_token_id": vocab.eos_id, "add_unk_token_id": vocab.unk_id}
+    for setter, value in special_ids.items():
         if value is not None and value >= 0:
             getattr(writer, setter)(value)
     if vocab.add_bos is not None:

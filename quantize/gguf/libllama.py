@@ -82,8 +82,8 @@ class LibllamaLog:
             self.errors.append(text)
         elif level >= logging.WARNING:
             self.warnings.append(text)
-        if text.strip():
-            LOG.log(level if level < logging.WARNING else logging.INFO, "%s", text.rstrip("\n"))
+        if text.strip():  # failures surface as exceptions; the log itself is detail
+            LOG.debug("%s", text.rstrip("\n"))
 
     def error_summary(self) -> str:
         lines = [ln.strip(" =\n") for ln in "".join(self.errors).splitlines()]
@@ -97,7 +97,7 @@ def _on_log(level: int, text: bytes | None, _user_data: ctypes.c_void_p) -> None
     message = (text or b"").decode("utf-8", errors="replace")
     if _active_log:
         _active_log[-1].add(level, message)
-    elif level in (3, 4):
+    elif message.strip():
         LOG.debug("%s", message.rstrip("\n"))
 
 

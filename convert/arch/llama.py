@@ -1,0 +1,222 @@
+"""The llama family: Llama 1/2/3/3.1, Mistral, TinyLlama, OpenLLaMA, LongLLaMA (as plain llama).
+
+config.json is read as data. For the model types transformers knows (``llama``,
+``mistral``) the defaults its config classes fill in are applied first, because
+llama.cpp's converter reads the config through transformers and writes what it sees
+(``head_dim`` → ``attention.key_length``, a missing ``rope_theta`` → 10000). Fields
+this converter does not use (LongLLaMA's ``mem_layers``, ``mem_dtype``,
+``last_context_length`` ...) are ignored.
+
+RoPE: ``linear`` and ``yarn`` become ``rope.scaling.*`` keys; ``llama3`` becomes the
+generated ``rope_freqs`` tensor (per-frequency divisors, computed in float32 exactly
+as llama.cpp's converter does); ``dynamic`` is dropped, as llama.cpp has no runtime
+support for it; any other type is refused.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from quantmill.convert.arch import Architecture, HParams, register
+from quantmill.errors import InputFileError, UnsupportedError
+
+T = gguf.MODEL_TENSOR
+
+# What transformers' LlamaConfig / MistralConfig fill in for absent fields (transformers 5).
+TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"vocab_size": 32000, "intermediate_size": 11008, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6},
+    "mistral": {"vocab_size": 32000, "intermediate_size": 14336, "max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6},
+}
+DEFAULT_KV_HEADS: dict[str, int | None] = {"llama": None, "mistral": 8}  # None: same as attention heads
+DEFAULT_ROPE_THETA = 10000.0
+REQUIRED_INT_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_layers")
+
+# First key present wins (llama.cpp's search order).
+CONTEXT_KEYS = ("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length", "model_max_length")
+FFN_KEYS = ("prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size", "n_inner", "hidden_dim")
+ROPE_THETA_KEYS = ("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta", "rotary_emb_base")
+
+
+def _first(hp: HParams, keys: tuple[str, ...]) -> Any:
+    return next((hp[k] for k in keys if k in hp), None)
+
+
+def _rope_parameters(config: dict[str, Any], known_to_transformers: bool) -> dict[str, Any]:
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if known_to_transformers:
+        rope.setdefault("rope_type", rope.get("type", "default"))
+        rope.setdefault("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA))
+        return rope
+    if "rope_theta" not in rope and (theta := _first(config, ROPE_THETA_KEYS)) is not None:
+        rope["rope_theta"] = theta
+    if "rope_type" not in rope and rope.get("type") is not None:
+        rope["rope_type"] = rope["type"]
+    if "original_max_position_embeddings" not in rope and "original_max_position_embeddings" in config:
+        rope["original_max_position_embeddings"] = config["original_max_position_embeddings"]
+    return rope
+
+
+def permute_rows(n_head: int, rows: int) -> np.ndarray:
+    """Row order that turns HF's rotate-half Q/K layout into llama.cpp's interleaved pairs."""
+    return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
+
+
+def _permute_q(hp: HParams, shape: tuple[int, ...]) -> np.ndarray:
+    return permute_rows(hp["num_attention_heads"], shape[0])
+
+
+def _permute_k(hp: HParams, shape: tuple[int, ...]) -> np.ndarray:
+    return permute_rows(hp.get("num_key_value_heads") or hp["num_attention_heads"], shape[0])
+
+
+def llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> np.ndarray:
+    """Per-frequency divisors of Llama 3.1 RoPE scaling, as float32 (the ``rope_freqs`` tensor)."""
+    f32 = np.float32
+    base = rope.get("rope_theta", DEFAULT_ROPE_THETA)
+    factor = rope.get("factor", 8.0)
+    low = rope.get("low_freq_factor", 1.0)
+    high = rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    freqs = f32(1.0) / np.power(f32(base), np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim))
+    factors: list[float] = []
+    for freq in freqs:
+        wavelen = f32(2 * math.pi) / freq
+        if wavelen < f32(high_wavelen):
+            factors.append(1.0)
+        elif wavelen > f32(low_wavelen):
+            factors.append(factor)
+        else:
+            smooth = (f32(old_ctx) / wavelen - f32(low)) / f32(high - low)
+            factors.append(f32(1) / ((f32(1) - smooth) / f32(factor) + smooth))
+    return np.array(factors, dtype=f32)
+
+
+@register(
+    "LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM", "LongLlamaForCausalLM",
+    model_types=("llama", "mistral", "longllama"),
+)
+class LlamaArchitecture(Architecture):
+    gguf_arch = gguf.MODEL_ARCH.LLAMA
+    row_transforms = {T.ATTN_Q: _permute_q, T.ATTN_K: _permute_k}
+
+    def read_hparams(self, config: dict[str, Any], config_path: Path) -> HParams:
+        model_type = config.get("model_type")
+        known = model_type in TRANSFORMERS_DEFAULTS
+        hp: HParams = {**TRANSFORMERS_DEFAULTS.get(str(model_type), {}), **config}
+        for key in REQUIRED_INT_FIELDS:
+            value = hp.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise InputFileError(config_path, f"field {key!r} is {value!r}, expected a positive integer", "fix config.json")
+        if known and "num_key_value_heads" not in config:
+            hp["num_key_value_heads"] = DEFAULT_KV_HEADS[str(model_type)] or hp["num_attention_heads"]
+        if known and hp.get("num_key_value_heads") is None:
+            hp["num_key_value_heads"] = hp["num_attention_heads"]
+        n_head, n_kv = hp["num_attention_heads"], hp.get("num_key_value_heads") or hp["num_attention_heads"]
+        if n_head % n_kv:
+            raise InputFileError(config_path, f"num_attention_heads {n_head} is not a multiple of num_key_value_heads {n_kv}", "fix config.json")
+        if known and hp.get("head_dim") is None:
+            hp["head_dim"] = hp["hidden_size"] // n_head
+        if "vocab_size" not in hp:
+            raise InputFileError(config_path, "field 'vocab_size' is missing", "add the embedding row count as vocab_size")
+        hp["rope_parameters"] = _rope_parameters(config, known)
+        rope_type = hp["rope_parameters"].get("rope_type")
+        if rope_type is not None and str(rope_type).lower() not in ROPE_WRITERS:
+            raise UnsupportedError(
+                f"{config_path}: RoPE type {rope_type!r} is not supported; supported: {', '.join(sorted(ROPE_WRITERS))}"
+            )
+        return hp
+
+    def head_dim(self, hp: HParams) -> int:
+        return hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
+
+    def extra_tensors(self, hp: HParams) -> list[tuple[gguf.MODEL_TENSOR, np.ndarray]]:
+        rope = hp["rope_parameters"]
+        if str(rope.get("rope_type", "")).lower() == "llama3":
+            return [(T.ROPE_FREQS, llama3_rope_factors(rope, self.head_dim(hp)))]
+        return []
+
+    def write_hparams(self, writer: gguf.GGUFWriter, hp: HParams, file_type: gguf.LlamaFileType) -> None:
+        writer.add_block_count(self.block_count(hp))
+        if (n_ctx := _first(hp, CONTEXT_KEYS)) is not None:
+            writer.add_context_length(n_ctx)
+        writer.add_embedding_length(hp["hidden_size"])
+        if (n_ff := _first(hp, FFN_KEYS)) is not None:
+            writer.add_feed_forward_length(n_ff)
+        writer.add_head_count(hp["num_attention_heads"])
+        if hp.get("num_key_value_heads") is not None:
+            writer.add_head_count_kv(hp["num_key_value_heads"])
+        if hp.get("is_causal") is False:
+            writer.add_causal_attention(False)
+        rope = hp["rope_parameters"]
+        if (rope_type := rope.get("rope_type")) is not None:
+            ROPE_WRITERS[str(rope_type).lower()](writer, rope)
+        if rope.get("rope_theta") is not None:
+            writer.add_rope_freq_base(rope["rope_theta"])
+        if (eps := _first(hp, ("rms_norm_eps", "norm_eps"))) is not None:
+            writer.add_layer_norm_rms_eps(eps)
+        if (eps := _first(hp, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
+            writer.add_layer_norm_eps(eps)
+        if hp.get("head_dim") is not None:
+            writer.add_key_length(hp["head_dim"])
+            writer.add_value_length(hp["head_dim"])
+        writer.add_file_type(file_type)
+        writer.add_vocab_size(hp["vocab_size"])
+        writer.add_rope_dimension_count(self.head_dim(hp))
+
+    def adjust_vocab_keys(self, writer: gguf.GGUFWriter, hp: HParams) -> None:
+        # llama.cpp turns BOS off for every llama model with a 49,152-token vocabulary
+        # (aimed at Granite small models; SmolLM2 is one too).
+        if hp["vocab_size"] == 49152:
+            existing = writer.kv_data[0].get(gguf.Keys.Tokenizer.ADD_BOS)
+            if existing is not None:
+                existing.value = False  # overwrite in place: the key keeps its position
+            else:
+                writer.add_add_bos_token(False)
+
+
+def _rope_none(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
+    """Nothing to write: no scaling, ``dynamic`` (no runtime support) or ``llama3`` (a tensor)."""
+
+
+def _rope_linear(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
+    if rope.get("factor") is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+
+
+def _rope_yarn(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
+    if rope.get("factor") is None:
+        return
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(rope["factor"])
+    writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    optional = (
+        ("extrapolation_factor", writer.add_rope_scaling_yarn_ext_factor),
+        ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+        ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+        ("beta_slow", writer.add_rope_scaling_yarn_beta_slow),
+    )
+    for key, add in optional:
+        value = rope.get(key, rope.get("attn_factor")) if key == "attention_factor" else rope.get(key)
+        if value is not None:
+            add(value)
+
+
+def _rope_longrope(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+
+
+ROPE_WRITERS = {
+    "default": _rope_none,
+    "dynamic": _rope_none,
+    "llama3": _rope_none,
+    "linear": _rope_linear,
+    "yarn": _rope_yarn,
+    "su": _rope_longrope,
+    "longrope": _rope_longrope,
+}

@@ -1,0 +1,58 @@
+"""``calibrate``: calibration text -> seeded token sequences -> statistics pass -> imatrix file."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantmill.atomic import ensure_writable_dir
+from quantmill.calib_data.loaders import DEFAULT_TEXT_FIELD, load_calibration_text
+from quantmill.calib_data.sampling import CalibrationSet, check_sizes, load_tokenize, sample_sequences
+from quantmill.errors import InputFileError, OutputError
+from quantmill.quantize.gguf.imatrix import Imatrix, imatrix_from_stats, write_imatrix
+from quantmill.quantize.layerwise import arch_for, read_config
+
+
+@dataclass(frozen=True)
+class CalibrateResult:
+    output: Path
+    calibration: CalibrationSet
+    imatrix: Imatrix
+
+
+def prepare_calibration(
+    model_dir: Path, calib: str, samples: int, seqlen: int, seed: int, text_field: str = DEFAULT_TEXT_FIELD
+) -> CalibrationSet:
+    """Check the model, then load, tokenize and sample the calibration text (cheap checks first)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise InputFileError(model_dir, "model directory not found", "pass a Hugging Face model directory")
+    arch_for(model_dir, read_config(model_dir))
+    check_sizes(samples, seqlen)
+    tokenize = load_tokenize(model_dir)
+    return sample_sequences(load_calibration_text(calib, text_field), tokenize, samples, seqlen, seed)
+
+
+def calibrate_imatrix(
+    model_dir: Path,
+    calib: str,
+    out: Path,
+    *,
+    samples: int,
+    seqlen: int,
+    seed: int,
+    text_field: str = DEFAULT_TEXT_FIELD,
+    device: str = "cpu",
+    progress: bool = True,
+) -> CalibrateResult:
+    """Write the importance matrix of ``model_dir`` on ``calib`` to ``out`` (GGUF imatrix, atomic)."""
+    from quantmill.quantize.stats import collect_importance
+
+    out = Path(out)
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory; pass a file name such as imatrix.gguf")
+    ensure_writable_dir(out.parent)
+    calibration = prepare_calibration(model_dir, calib, samples, seqlen, seed, text_field)
+    stats = collect_importance(Path(model_dir), calibration, device=device, progress=progress)
+    imatrix = imatrix_from_stats(stats, calibration)
+    write_imatrix(imatrix, out)
+    return CalibrateResult(out, calibration, imatrix)

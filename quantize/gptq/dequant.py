@@ -1,0 +1,148 @@
+"""Reading a GPTQ v1 checkpoint back: its config, its size figures, and a dequantized float model.
+
+``load_dequantized_model(dir)`` rebuilds the plain transformers model (no quantization
+backend, no remote code) with every packed linear replaced by the float32 weight a v1 loader
+reconstructs; verify evaluates GPTQ branches through it, on CPU.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from quantmill.errors import InputFileError, UnsupportedError
+from quantmill.quantize.gptq.branches import SUPPORTED_BITS
+from quantmill.quantize.gptq.packing import TENSOR_SUFFIXES, PackedLinear, dequantize_linear
+
+if TYPE_CHECKING:
+    import torch
+
+    from quantmill.convert.safetensors_io import Checkpoint
+
+V1_FORMATS = ("gptq",)  # checkpoint_format values whose qzeros hold zero - 1
+_FIX = "re-create the branch with quantmill quantize gptq"
+
+
+def read_gptq_config(directory: Path) -> dict[str, Any]:
+    """config.json's ``quantization_config`` (else quantize_config.json), checked for a v1 GPTQ checkpoint."""
+    directory = Path(directory)
+    config = _read_json(directory / "config.json")
+    qconfig = config.get("quantization_config")
+    if qconfig is None and (directory / "quantize_config.json").is_file():
+        qconfig = _read_json(directory / "quantize_config.json")
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method", "gptq") != "gptq":
+        raise InputFileError(directory / "config.json", "has no GPTQ quantization_config", "pass a GPTQ checkpoint directory")
+    fmt = str(qconfig.get("checkpoint_format", qconfig.get("format", "gptq"))).lower()
+    if fmt not in V1_FORMATS:
+        raise UnsupportedError(f"{directory / 'config.json'}: checkpoint_format {fmt!r} is not supported (only the v1 'gptq' format)")
+    if qconfig.get("bits") not in SUPPORTED_BITS:
+        raise UnsupportedError(f"{directory / 'config.json'}: quantization_config bits {qconfig.get('bits')!r} is not supported")
+    return qconfig
+
+
+def is_gptq_checkpoint(path: Path) -> bool:
+    """A model directory whose config.json declares GPTQ quantization (cheap: reads the JSON only)."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        return False
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(qconfig, dict) and qconfig.get("quant_method") == "gptq"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputFileError(path, f"cannot be read as JSON ({exc})", _FIX) from exc
+    if not isinstance(value, dict):
+        raise InputFileError(path, "is not a JSON object", _FIX)
+    return value
+
+
+def quantized_prefixes(ckpt: Checkpoint) -> list[str]:
+    """Module names that have a ``qweight`` (sorted)."""
+    return sorted(name.removesuffix(".qweight") for name in ckpt.entries if name.endswith(".qweight"))
+
+
+def read_packed(ckpt: Checkpoint, prefix: str, bits: int) -> PackedLinear:
+    arrays = {}
+    for suffix in TENSOR_SUFFIXES:
+        name = f"{prefix}.{suffix}"
+        if name not in ckpt:
+            raise InputFileError(ckpt.model_dir, f"quantized module {prefix} has no {suffix} tensor", _FIX)
+        arrays[suffix] = np.array(ckpt.array(name))
+        ckpt.release(name)
+    return PackedLinear(arrays["qweight"], arrays["qzeros"], arrays["scales"], arrays["g_idx"], bits)
+
+
+def dequantized_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, float32 array) of the plain model: packed linears as ``<prefix>.weight``, the rest widened."""
+    from quantmill.convert.safetensors_io import Checkpoint, to_float32
+
+    bits = int(read_gptq_config(directory)["bits"])
+    with Checkpoint(Path(directory)) as ckpt:
+        prefixes = quantized_prefixes(ckpt)
+        packed_names = {f"{p}.{s}" for p in prefixes for s in TENSOR_SUFFIXES}
+        for prefix in prefixes:
+            yield f"{prefix}.weight", dequantize_linear(read_packed(ckpt, prefix, bits))
+        for name, entry in ckpt.entries.items():
+            if name not in packed_names:
+                yield name, np.array(to_float32(ckpt.array(name), entry.dtype))
+                ckpt.release(name)
+
+
+def plain_config(directory: Path) -> Any:
+    """The transformers config of the checkpoint without its quantization_config (no remote code)."""
+    from transformers import AutoConfig
+
+    config = _read_json(Path(directory) / "config.json")
+    if config.get("auto_map"):
+        raise UnsupportedError(f"{Path(directory) / 'config.json'}: the model needs remote code (auto_map); quantmill never runs it")
+    fields = {k: v for k, v in config.items() if k not in ("quantization_config", "model_type")}
+    try:
+        return AutoConfig.for_model(str(config.get("model_type")), **fields)
+    except ValueError as exc:
+        raise UnsupportedError(f"{Path(directory) / 'config.json'}: {exc}") from exc
+
+
+def load_dequantized_model(directory: Path, dtype: str = "float32") -> torch.nn.Module:
+    """The checkpoint as a plain transformers causal LM with dequantized weights (CPU, eval mode)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    model = AutoModelForCausalLM.from_config(plain_config(directory), dtype=getattr(torch, dtype))
+    state = {name: torch.from_numpy(array) for name, array in dequantized_tensors(directory)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise InputFileError(
+            directory, f"tensors do not match the model (missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})", _FIX
+        )
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def gptq_size_figures(directory: Path) -> tuple[int, float, int]:
+    """(bytes of the safetensors files, stored bits per represented weight, number of weights)."""
+    from quantmill.convert.safetensors_io import DTYPES, Checkpoint
+
+    bits = int(read_gptq_config(directory)["bits"])
+    size = stored_bits = weights = 0
+    with Checkpoint(Path(directory)) as ckpt:
+        size = sum(p.stat().st_size for p in {e.file for e in ckpt.entries.values()})
+        for name, entry in ckpt.entries.items():
+            stored_bits += entry.n_elements * DTYPES[entry.dtype][1] * 8
+            if name.endswith(".qweight"):
+                weights += entry.shape[0] * 32 // bits * entry.shape[1]
+            elif not name.endswith((".qzeros", ".scales", ".g_idx")):
+                weights += entry.n_elements
+    return size, (stored_bits / weights if weights else 0.0), weights

@@ -1,0 +1,277 @@
+"""The streaming GPTQ driver: one decoder layer in memory at a time, every branch side by side.
+
+    results = quantize_branches(model_dir, calibration, [spec, ...], out_dir)
+
+Per decoder layer the float weights are read once from the memory-mapped safetensors (the
+layer-by-layer machinery of :mod:`quantmill.quantize.layerwise`); then, for each branch:
+
+1. for each true-sequential group of linears (q/k/v, then o, then gate/up, then down) the
+   layer runs over that branch's hidden states until the group's inputs have been seen
+   (the rest of the forward is skipped) and XᵀX of the inputs is accumulated; linears that
+   read the same input tensor share one Hessian and are quantized stacked, as one matrix;
+2. the group's weights are replaced by their dequantized values, so later groups see the
+   quantized earlier ones;
+3. the whole quantized layer runs over the branch's hidden states, whose outputs become the
+   branch's inputs to the next layer.
+
+Each branch therefore keeps its own activation stream (samples × seqlen × hidden, float32): a
+branch's quantized layers change what its later layers see, so branches cannot share
+Hessians past the first group of the first layer. They share the calibration tokens, the
+embedding and each layer's read from disk. Memory: one float layer (plus one working copy),
+the branches' activation streams, and one group's Hessian at a time.
+
+Every branch is written into a temporary directory next to its final one and renamed into
+place only when all branches are complete: an error leaves no partial branch directory.
+Calibration sequences carry no padding, so every token counts in the Hessians.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from quantmill.atomic import atomic_dir, ensure_writable_dir
+from quantmill.errors import UserInputError
+from quantmill.quantize.gptq.algorithm import gptq_quantize
+from quantmill.quantize.gptq.branches import BranchSpec
+from quantmill.quantize.gptq.checkpoint import (
+    DEFAULT_MAX_SHARD_BYTES,
+    BranchWriter,
+    quantization_config,
+    write_configs,
+    write_log,
+)
+from quantmill.quantize.gptq.packing import check_packable, pack_linear
+from quantmill.quantize.layerwise import DEFAULT_BATCH_TOKENS, DecoderArch, LayerwiseRunner, release_freed_memory
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from quantmill.calib_data.sampling import CalibrationSet
+    from quantmill.convert.safetensors_io import Checkpoint
+    from quantmill.quantize.stats import Hessian
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    device: str = "cpu"
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class LinearRecord:
+    """How one linear was quantized (what the branch's log and metadata report)."""
+
+    name: str
+    shape: tuple[int, int]
+    tokens: int
+    loss: float
+    damp_percent: float | None
+    hessian_dtype: str | None
+    fallback: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "tokens": self.tokens, "loss": self.loss, "damp_percent": self.damp_percent,
+                "hessian_dtype": self.hessian_dtype, "fallback": self.fallback}
+
+
+@dataclass
+class BranchResult:
+    spec: BranchSpec
+    directory: Path
+    files: list[str] = field(default_factory=list)
+    records: list[LinearRecord] = field(default_factory=list)
+
+    def meta(self) -> dict[str, Any]:
+        """Departures from the requested settings, for quantize_config.json's ``meta``."""
+        damp = self.spec.damp_percent
+        return {
+            "damp_escalated": {r.name: r.damp_percent for r in self.records if r.damp_percent not in (None, damp)},
+            "hessian_float64": sorted(r.name for r in self.records if r.hessian_dtype == "float64"),
+            "fallback": {r.name: r.fallback for r in self.records if r.fallback},
+        }
+
+
+@dataclass
+class _BranchRun:
+    spec: BranchSpec
+    hidden: torch.Tensor
+    writer: BranchWriter
+    result: BranchResult
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every input a group needs has been seen: the rest of the forward is skipped."""
+
+
+def _group_hessians(layer: nn.Module, names: Sequence[str], hidden: torch.Tensor, runner: LayerwiseRunner) -> dict[str, Hessian]:
+    """XᵀX of each linear's inputs over every sequence; linears fed the same tensor share one."""
+    import torch
+
+    from quantmill.quantize.stats import Hessian
+
+    found: dict[str, Hessian] = {}
+    batch_inputs: list[tuple[torch.Tensor, Hessian]] = []
+    pending: set[str] = set()
+
+    def make_hook(name: str) -> Any:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            hessian = next((h for seen, h in batch_inputs if seen is x), None)
+            if hessian is None:
+                hessian = found.get(name) or Hessian.create(x.shape[-1], x.device)
+                hessian.add(x.reshape(-1, x.shape[-1]))
+                batch_inputs.append((x, hessian))
+            found.setdefault(name, hessian)
+            pending.discard(name)
+            if not pending:
+                raise _StopForward
+
+        return hook
+
+    handles = [layer.get_submodule(name).register_forward_pre_hook(make_hook(name)) for name in names]
+    try:
+        with torch.inference_mode():
+            for start in range(0, hidden.shape[0], runner.batch_size):
+                batch = hidden[start : start + runner.batch_size]
+                batch_inputs.clear()
+                pending.update(names)
+                try:
+                    layer(batch, position_embeddings=runner.position_embeddings(batch.shape[0]))
+                except _StopForward:
+                    continue
+                raise RuntimeError(f"decoder layer never called {sorted(pending)}; this is a quantmill bug")
+    finally:
+        for handle in handles:
+            handle.remove()
+        batch_inputs.clear()
+    return found
+
+
+def _advance(layer: nn.Module, hidden: torch.Tensor, runner: LayerwiseRunner) -> None:
+    """Replace ``hidden`` by the layer's outputs, batch by batch."""
+    import torch
+
+    with torch.inference_mode():
+        for start in range(0, hidden.shape[0], runner.batch_size):
+            batch = hidden[start : start + runner.batch_size]
+            out = layer(batch, position_embeddings=runner.position_embeddings(batch.shape[0]))
+            batch.copy_(out[0] if isinstance(out, tuple) else out)
+
+
+def _quantize_stacked(layer: nn.Module, index: int, names: list[str], hessian: Hessian, run: _BranchRun, arch: DecoderArch) -> None:
+    import torch
+
+    linears = [layer.get_submodule(name) for name in names]
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    result = gptq_quantize(weight, hessian.xtx, run.spec)
+    start = 0
+    for name, linear in zip(names, linears, strict=True):
+        part = result.rows(start, start + linear.out_features)
+        start += linear.out_features
+        with torch.no_grad():
+            linear.weight.copy_(part.dequantized.to(linear.weight.dtype))
+        full = arch.hf_linear_name(index, name)
+        packed = pack_linear(part.codes.cpu().numpy(), part.scales.cpu().numpy(), part.zeros.cpu().numpy(),
+                             part.g_idx.cpu().numpy(), run.spec.bits)
+        for tensor_name, array in packed.tensors(full).items():
+            run.writer.add(tensor_name, array)
+        run.writer.replaced.add(f"{full}.weight")
+        run.result.records.append(LinearRecord(
+            full, (linear.out_features, linear.in_features), hessian.count, part.loss,
+            part.damp_percent, part.hessian_dtype, part.fallback,
+        ))
+
+
+def _quantize_layer(layer: nn.Module, index: int, run: _BranchRun, runner: LayerwiseRunner) -> None:
+    arch = runner.arch
+    groups = arch.linear_groups if run.spec.true_sequential else (arch.linear_names,)
+    for group in groups:
+        hessians = _group_hessians(layer, group, run.hidden, runner)
+        for hessian in {id(h): h for h in hessians.values()}.values():  # each shared input once, in group order
+            names = [name for name in group if hessians[name] is hessian]
+            _quantize_stacked(layer, index, names, hessian, run, arch)
+        del hessians
+    _advance(layer, run.hidden, runner)
+
+
+def check_model(ckpt: Checkpoint, runner: LayerwiseRunner) -> None:
+    """Every linear to quantize exists and fits the v1 packing, before any work is done."""
+    from quantmill.errors import InputFileError
+
+    for index in range(runner.n_layers):
+        for linear in runner.arch.linear_names:
+            name = f"{runner.arch.hf_linear_name(index, linear)}.weight"
+            if name not in ckpt:
+                raise InputFileError(runner.model_dir, f"checkpoint has no tensor {name!r}", "pass a complete checkpoint")
+            shape = ckpt.entries[name].shape
+            check_packable(name, shape[1], shape[0])
+
+
+def quantize_branches(
+    model_dir: Path,
+    calibration: CalibrationSet,
+    branches: Sequence[BranchSpec],
+    out_dir: Path,
+    options: EngineOptions = EngineOptions(),
+) -> list[BranchResult]:
+    """Quantize ``model_dir`` into ``out_dir/<branch name>`` for every branch, in one streaming pass."""
+    import torch
+    from tqdm import tqdm
+
+    from quantmill.convert.safetensors_io import Checkpoint
+    from quantmill.quantize.layerwise import bound_heap_growth
+
+    if not branches:
+        raise UserInputError("no GPTQ branch requested; add e.g. --branch 4bit-128g-actorder")
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    runner = LayerwiseRunner(model_dir, calibration.token_ids, device=options.device, batch_tokens=options.batch_tokens,
+                             progress=False)
+    ensure_writable_dir(out_dir)
+    bound_heap_growth()
+    results = [BranchResult(spec, out_dir / spec.name) for spec in branches]
+    with ExitStack() as stack, torch.no_grad():
+        ckpt = stack.enter_context(Checkpoint(model_dir))
+        check_model(ckpt, runner)
+        runs: list[_BranchRun] = []
+        for result in results:
+            writer = BranchWriter(stack.enter_context(atomic_dir(result.directory)), result.spec)
+            stack.callback(writer.abort)
+            runs.append(_BranchRun(result.spec, torch.empty(0), writer, result))
+        runner._embed(ckpt)  # adapter: the runner's embedding step, one activation stream per branch
+        for i, run in enumerate(runs):
+            run.hidden = runner.hidden if i == len(runs) - 1 else runner.hidden.clone()
+        runner.hidden = torch.empty(0)
+        bar = tqdm(total=runner.n_layers * len(runs), desc="gptq", unit="layer", disable=not options.progress)
+        for index in range(runner.n_layers):
+            float_layer = runner._load_layer(ckpt, index)  # adapter: one layer from the memory map
+            for i, run in enumerate(runs):
+                layer = float_layer if i == len(runs) - 1 else copy.deepcopy(float_layer)
+                bar.set_postfix_str(f"{run.spec.name} layer {index}")
+                _quantize_layer(layer, index, run, runner)
+                del layer
+                bar.update(1)
+            del float_layer
+            release_freed_memory()
+        bar.close()
+        for run in runs:
+            run.hidden = torch.empty(0)
+        release_freed_memory()
+        for run in runs:
+            _finish_branch(run, ckpt, model_dir, runner, calibration, options)
+    return results
+
+
+def _finish_branch(run: _BranchRun, ckpt: Checkpoint, model_dir: Path, runner: LayerwiseRunner,
+                   calibration: CalibrationSet, options: EngineOptions) -> None:
+    directory = run.writer.directory
+    run.result.files = run.writer.finish(ckpt, options.max_shard_bytes)
+    meta = {"calibration": calibration.record(), **run.result.meta()}
+    write_configs(directory, model_dir, runner.raw_config, quantization_config(run.spec, meta))
+    write_log(directory, {r.name: r.as_json() for r in sorted(run.result.records, key=lambda r: r.name)})

@@ -1,0 +1,142 @@
+"""Hugging Face checkpoints in torch: fp32 compute on CPU, several chunks per forward pass.
+
+Only the logits from the first scored position on are computed (``logits_to_keep``), and
+only safetensors weights are loaded; remote code is never run.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantmill.errors import InputFileError, UnsupportedError, UserInputError
+from quantmill.verify.backends.base import (
+    ArtifactInfo,
+    BackendOptions,
+    ChunkLogProbs,
+    vocabulary_mismatches,
+)
+from quantmill.verify.tokens import ChunkPlan
+
+# safetensors dtype → bits per element
+_DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
+               "F8_E4M3": 8, "F8_E5M2": 8, "BOOL": 8, "U16": 16, "U32": 32, "U64": 64}
+
+
+def safetensors_sizes(directory: Path) -> tuple[int, int, int]:
+    """(bytes on disk of all *.safetensors, tensor-data bits, element count) from the headers only."""
+    size = bits = elements = 0
+    for path in sorted(directory.glob("*.safetensors")):
+        size += path.stat().st_size
+        try:
+            with path.open("rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length))
+        except (OSError, struct.error, ValueError) as exc:
+            raise InputFileError(path, f"unreadable safetensors header ({exc})", "re-create the checkpoint") from exc
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            count = int(np.prod(entry["shape"], dtype=np.int64))
+            elements += count
+            bits += count * _DTYPE_BITS.get(entry["dtype"], 0)
+    return size, bits, elements
+
+
+def _load_model(path: Path) -> Any:
+    """The checkpoint as an fp32 causal LM, without transformers' loading progress bar."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True, trust_remote_code=False, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputFileError(path, f"transformers cannot load it ({exc})", "check the checkpoint") from exc
+    finally:
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+class TorchBackend:
+    """An HF causal LM loaded in float32 on the CPU."""
+
+    def __init__(self, path: Path, options: BackendOptions) -> None:
+        import torch
+
+        if options.device != "cpu":
+            raise UnsupportedError(f"--device {options.device}: the torch backend runs on cpu only in this version")
+        self.path = Path(path)
+        self.options = options
+        self._torch = torch
+        self._config = self._read_config()
+        size, bits, elements = safetensors_sizes(self.path)
+        self._model = _load_model(self.path)
+        self._model.eval()
+        n_vocab = int(self._model.get_output_embeddings().weight.shape[0])
+        self.info = ArtifactInfo(self.path, "hf", size, bits / elements if elements else 0.0, n_vocab)
+
+    def _read_config(self) -> dict[str, Any]:
+        path = self.path / "config.json"
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputFileError(path, f"cannot be parsed ({exc})", "re-create the checkpoint") from exc
+        if config.get("auto_map"):
+            raise UnsupportedError(f"{path}: the model needs remote code (auto_map); quantmill never runs it")
+        return config
+
+    def close(self) -> None:
+        self._model = None
+
+    def __enter__(self) -> TorchBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_vocabulary(self, plan: ChunkPlan, id_to_token: dict[int, str]) -> None:
+        """Ids must fit the output layer; if the checkpoint has its own tokenizer.json, its token texts must agree."""
+        used = plan.used_token_ids()
+        if used.size and int(used[-1]) >= self.info.n_vocab:
+            raise UserInputError(
+                f"{self.path}: output layer has {self.info.n_vocab} rows but the reference tokenizer produced id "
+                f"{int(used[-1])}; evaluate artifacts made from the reference model"
+            )
+        tokenizer_path = self.path / "tokenizer.json"
+        if not tokenizer_path.is_file():
+            return
+        from tokenizers import Tokenizer
+
+        mine = Tokenizer.from_file(str(tokenizer_path))
+        bad = vocabulary_mismatches(used, id_to_token, {int(i): mine.id_to_token(int(i)) for i in used})
+        if bad:
+            token_id, ref, got = bad[0]
+            raise UserInputError(
+                f"{tokenizer_path}: differs from the reference tokenizer on {len(bad)} used ids "
+                f"(id {token_id}: {ref!r} vs {got!r}); evaluate artifacts made from the reference model"
+            )
+
+    def iter_logprobs(self, plan: ChunkPlan) -> Iterator[ChunkLogProbs]:
+        torch = self._torch
+        keep = plan.n_ctx - plan.first  # positions first … n_ctx-1; the last one is dropped
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(self.options.n_threads)
+        try:
+            for group in plan.groups(self.options.chunks_for(plan.n_ctx)):
+                ids = torch.from_numpy(np.stack([plan.chunk_input(i) for i in group]).astype(np.int64))
+                with torch.inference_mode():
+                    logits = self._model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+                    logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+                for row, index in enumerate(group):
+                    yield ChunkLogProbs(index, logprobs[row].numpy(), plan.chunk_targets(index))
+        finally:
+            torch.set_num_threads(previous_threads)
