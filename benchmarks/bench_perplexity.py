@@ -19,7 +19,9 @@ vendored llama.cpp (benchmark only; quantmill does not use it):
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -40,6 +42,7 @@ class Figure:
     stderr: float
     eval_seconds: float
     n_tokens: int
+    cpu_seconds: float  # user + system CPU time of the whole run, model loading included
 
     @property
     def tokens_per_second(self) -> float:
@@ -56,8 +59,12 @@ def _stamp_seconds(line: str) -> float:
 
 def run_llama_perplexity(tool: Path, gguf: Path, text: Path, n_ctx: int, threads: int) -> Figure:
     cmd = [str(tool), "-m", str(gguf), "-f", str(text), "-c", str(n_ctx), "-t", str(threads), "-tb", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    log = proc.stdout + proc.stderr
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    log = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # reaps the child and gives its CPU time
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    cpu = usage.ru_utime + usage.ru_stime
     final = _FINAL_RE.search(log)
     if proc.returncode != 0 or final is None:
         raise SystemExit(f"llama-perplexity failed ({proc.returncode}):\n{log[-2000:]}")
@@ -65,15 +72,19 @@ def run_llama_perplexity(tool: Path, gguf: Path, text: Path, n_ctx: int, threads
     start = next(line for line in lines if "calculating perplexity over" in line)
     end = next(line for line in lines if "Final estimate" in line)
     n_chunks = int(re.search(r"over (\d+) chunks", start).group(1))  # type: ignore[union-attr]
-    return Figure(float(final.group(1)), float(final.group(2)), _stamp_seconds(end) - _stamp_seconds(start), n_chunks * n_ctx)
+    seconds = _stamp_seconds(end) - _stamp_seconds(start)
+    return Figure(float(final.group(1)), float(final.group(2)), seconds, n_chunks * n_ctx, cpu)
 
 
 def run_quantmill(path: Path, plan: object, tokenizer: object, threads: int) -> Figure:
     from quantmill.verify.backends.base import BackendOptions
     from quantmill.verify.evaluate import evaluate_artifact
 
+    before = resource.getrusage(resource.RUSAGE_SELF)
     result = evaluate_artifact(path, plan, tokenizer, BackendOptions(threads=threads))  # type: ignore[arg-type]
-    return Figure(result.ppl, result.ppl_stderr, result.seconds, result.n_evaluated)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return Figure(result.ppl, result.ppl_stderr, result.seconds, result.n_evaluated, cpu)
 
 
 def best(figures: list[Figure]) -> Figure:
@@ -123,12 +134,14 @@ def main() -> None:
 
     print(f"Text {args.text} ({plan.tokens.size} tokens, {plan.n_chunks} chunks of {args.n_ctx}), "
           f"threads {args.threads}, best of {args.repeat}, {time.strftime('%Y-%m-%d')}\n")
-    print("| GGUF | quantmill ppl | llama-perplexity ppl | ppl ratio | quantmill tok/s | llama-perplexity tok/s | speed ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| GGUF | quantmill ppl | llama-perplexity ppl | ppl ratio | quantmill tok/s | llama-perplexity tok/s "
+          "| speed ratio | quantmill CPU s | llama-perplexity CPU s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for gguf, ours_best, theirs_best in rows:
         print(f"| {gguf.name} | {ours_best.ppl:.4f} ± {ours_best.stderr:.4f} | {theirs_best.ppl:.4f} ± {theirs_best.stderr:.4f} "
               f"| {ours_best.ppl / theirs_best.ppl:.6f} | {ours_best.tokens_per_second:.1f} "
-              f"| {theirs_best.tokens_per_second:.1f} | {ours_best.tokens_per_second / theirs_best.tokens_per_second:.3f} |")
+              f"| {theirs_best.tokens_per_second:.1f} | {ours_best.tokens_per_second / theirs_best.tokens_per_second:.3f} "
+              f"| {ours_best.cpu_seconds:.1f} | {theirs_best.cpu_seconds:.1f} |")
     if torch_ref is not None:
         print(f"\nReference {reference.name} in torch (fp32 compute): ppl {torch_ref.ppl:.4f} ± {torch_ref.stderr:.4f}, "
               f"{torch_ref.tokens_per_second:.1f} tok/s")

@@ -4,7 +4,8 @@ A maintainer tool, not used at run time. It reads texts that Debian packages and
 sdist install (see ``SOURCES.md`` for the list and the licences), cleans them (LF line
 ends, no trailing blanks, no distributor headers), writes one ``.txt`` per source, and
 then removes from the evaluation text every paragraph that shares a 64-character window
-with the calibration text, so the two never overlap.
+or a non-trivial line with the calibration text, so the two never overlap. Rebuilding
+from the same package versions gives byte-identical files.
 
     apt-get install -y bible-kjv dict-devil dict-jargon python3.11-doc
     pip download --no-binary :all: --no-deps brotli==1.2.1   # then unpack it

@@ -31,7 +31,7 @@ from quantmill.convert.naming import ModelNaming, size_label
 from quantmill.convert.safetensors_io import FLOAT_DTYPES, Checkpoint
 from quantmill.convert.special_tokens import read_json
 from quantmill.convert.tensor_stream import PlannedTensor, write_tensor_data
-from quantmill.convert.vocab import check_vocab_size, load_vocab, write_vocab
+from quantmill.convert.vocab import load_vocab, write_vocab
 from quantmill.errors import InputFileError, OutputError, UnsupportedError, UserInputError
 
 Q = gguf.GGMLQuantizationType
@@ -187,12 +187,13 @@ def convert_hf_to_gguf(
             raise InputFileError(
                 model_dir / "config.json", f"vocab_size is {hp['vocab_size']} but the token embedding has {rows} rows", "fix vocab_size"
             )
-        vocab = load_vocab(model_dir, hp["vocab_size"], vocab_pre)
-        check_vocab_size(vocab, rows)
+        vocab = load_vocab(model_dir, hp["vocab_size"], rows, vocab_pre, arch.vocab_kinds)
 
         writer = gguf.GGUFWriter(path=None, arch=arch.gguf_name, split_max_size=split_max_size or 0)
         for t in plan:
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        if len(writer.tensors) == 1:
+            writer.split_max_size = 0  # everything fits one file: write it unsplit, as llama.cpp does
         meta = _metadata(model_dir, writer)
         writer.add_type(gguf.GGUFType.MODEL)
         meta.set_gguf_meta_model(writer)
@@ -202,7 +203,7 @@ def convert_hf_to_gguf(
         arch.adjust_vocab_keys(writer, hp)
 
         naming = ModelNaming(meta.name, meta.basename, meta.size_label, meta.finetune, meta.version)
-        final = output_path(model_dir, Path(outfile) if outfile is not None else None, naming, outtype)
+        final = output_path(model_dir, Path(os.path.abspath(outfile)) if outfile is not None else None, naming, outtype)
         return _write_atomically(writer, ckpt, plan, final, threads, progress)
 
 

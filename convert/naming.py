@@ -61,7 +61,3 @@ class ModelNaming:
     def file_name(self, output_type: str | None) -> str:
         return f"{self.stem(output_type)}.gguf"
 
-
-def split_file_name(stem: str, index: int, count: int) -> str:
-    """llama.cpp's split naming: ``stem-00001-of-00003.gguf`` (index is 0-based)."""
-    return f"{stem}-{index + 1:05d}-of-{count:05d}.gguf"

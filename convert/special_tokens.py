@@ -133,7 +133,8 @@ class _Reader:
         entry = middle[0].get("SpecialToken", {}).get("id")
         if entry and entry in seps and not last:
             add_sep = True
-        if len(middle) == 2 and middle[1].get("SpecialToken", {}).get("id") in seps:
+        second = middle[1].get("SpecialToken", {}).get("id") if len(middle) == 2 else None
+        if second and second in seps:
             add_sep = True
         self.out.add["sep"] = add_sep
         if add_sep and not named["sep"] and cfg:

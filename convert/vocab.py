@@ -27,6 +27,7 @@ SPIECE_SPACE = "\u2581"
 # to a multiple of 64 or 128); more missing rows than this means a broken tokenizer.
 MAX_PADDING_ROWS = 1024
 MAX_PADDING_FRACTION = 0.10
+VOCAB_KINDS: tuple[str, ...] = ("sentencepiece", "bpe")
 
 
 @dataclass
@@ -85,7 +86,7 @@ def _resolve_pre(tokenizer: Any, source: Path, override: str | None) -> str:
     return PRE_BY_HASH[digest][0]
 
 
-def load_bpe(model_dir: Path, vocab_size: int, pre_override: str | None = None) -> Vocab:
+def load_bpe(model_dir: Path, vocab_size: int, embedding_rows: int, pre_override: str | None = None) -> Vocab:
     """A GPT-2 style byte-level BPE vocabulary from tokenizer.json (through the tokenizers library)."""
     from tokenizers import Tokenizer
 
@@ -97,7 +98,8 @@ def load_bpe(model_dir: Path, vocab_size: int, pre_override: str | None = None) 
     cfg_path = model_dir / "tokenizer_config.json"
     config = read_json(cfg_path) if cfg_path.is_file() else {}
     vocab = tokenizer.get_vocab(with_added_tokens=True)
-    added = {tid: tok for tid, tok in tokenizer.get_added_tokens_decoder().items()}
+    check_vocab_size(source, len(vocab), embedding_rows)
+    added = dict(tokenizer.get_added_tokens_decoder())
     added_content = {tok.content for tok in added.values()}
     promoted = {name for name in _named_specials(config) if name in vocab and name not in added_content}
     if vocab and max(vocab.values()) >= vocab_size:
@@ -131,7 +133,7 @@ def load_bpe(model_dir: Path, vocab_size: int, pre_override: str | None = None) 
     return Vocab("gpt2", pre, tokens, types, source, len(vocab), special=special, add_space_prefix=_space_prefix(config))
 
 
-def load_sentencepiece(model_dir: Path, vocab_size: int) -> Vocab:
+def load_sentencepiece(model_dir: Path, vocab_size: int, embedding_rows: int) -> Vocab:
     """A SentencePiece vocabulary from tokenizer.model, with added tokens from the HF files."""
     from sentencepiece import SentencePieceProcessor
 
@@ -147,13 +149,13 @@ def load_sentencepiece(model_dir: Path, vocab_size: int) -> Vocab:
     tokens: list[bytes] = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores = [-10000.0] * vocab_size
     types = [UNUSED] * vocab_size
-    kinds: tuple[tuple[Callable[[int], bool], int], ...] = (
+    type_tests: tuple[tuple[Callable[[int], bool], int], ...] = (
         (sp.IsUnknown, UNKNOWN), (sp.IsControl, CONTROL), (sp.IsUnused, UNUSED), (sp.IsByte, BYTE),
     )
     for tid in range(n_sp):
         tokens[tid] = sp.IdToPiece(tid).encode("utf-8")
         scores[tid] = sp.GetScore(tid)
-        types[tid] = next((kind for test, kind in kinds if test(tid)), NORMAL)
+        types[tid] = next((kind for test, kind in type_tests if test(tid)), NORMAL)
     n_defined = n_sp
     added_path = model_dir / "added_tokens.json"
     if added_path.is_file():
@@ -174,6 +176,7 @@ def load_sentencepiece(model_dir: Path, vocab_size: int) -> Vocab:
             types[tid] = USER_DEFINED
         scores[tid], tokens[tid] = -1000.0, text.encode("utf-8")
         n_defined = max(n_defined, tid + 1)
+    check_vocab_size(source, n_defined, embedding_rows)
     special = read_special_tokens(model_dir, n_vocab=len(tokens))
     return Vocab("llama", "default", tokens, types, source, n_defined, scores, special, _space_prefix(config))
 
@@ -190,10 +193,19 @@ def _is_sentencepiece_style_json(path: Path) -> bool:
     return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and (data.get("decoder") or {}).get("type") == "Sequence"
 
 
-def load_vocab(model_dir: Path, vocab_size: int, pre_override: str | None = None) -> Vocab:
-    """The vocabulary of ``model_dir``: tokenizer.model if present, else a byte-level BPE tokenizer.json."""
-    if (model_dir / "tokenizer.model").is_file():
-        return load_sentencepiece(model_dir, vocab_size)
+def load_vocab(
+    model_dir: Path, vocab_size: int, embedding_rows: int, pre_override: str | None = None, kinds: tuple[str, ...] = VOCAB_KINDS
+) -> Vocab:
+    """The vocabulary of ``model_dir``: tokenizer.model if present, else a byte-level BPE tokenizer.json.
+
+    ``embedding_rows`` is the token embedding's row count; a tokenizer that covers far
+    fewer (or more) ids is refused. ``kinds`` are the tokenizer kinds the architecture accepts.
+    """
+    kind = "sentencepiece" if (model_dir / "tokenizer.model").is_file() else "bpe"
+    if kind not in kinds:
+        raise UnsupportedError(f"{model_dir}: a {kind} tokenizer is not supported for this architecture; expected {' or '.join(kinds)}")
+    if kind == "sentencepiece":
+        return load_sentencepiece(model_dir, vocab_size, embedding_rows)
     tok_json = model_dir / "tokenizer.json"
     if not tok_json.is_file():
         raise InputFileError(model_dir, "has neither tokenizer.model nor tokenizer.json", "copy the model's tokenizer files into the directory")
@@ -202,16 +214,16 @@ def load_vocab(model_dir: Path, vocab_size: int, pre_override: str | None = None
             f"{tok_json}: a SentencePiece-style (byte-fallback) tokenizer.json without tokenizer.model; copy the"
             " model's tokenizer.model into the directory"
         )
-    return load_bpe(model_dir, vocab_size, pre_override)
+    return load_bpe(model_dir, vocab_size, embedding_rows, pre_override)
 
 
-def check_vocab_size(vocab: Vocab, embedding_rows: int) -> None:
-    """Raise unless the tokenizer plausibly covers the embedding matrix."""
+def check_vocab_size(source: Path, n_defined: int, embedding_rows: int) -> None:
+    """Raise unless a tokenizer defining ``n_defined`` ids plausibly covers the embedding matrix."""
     allowed = max(MAX_PADDING_ROWS, int(embedding_rows * MAX_PADDING_FRACTION))
-    if vocab.n_defined > embedding_rows or embedding_rows - vocab.n_defined > allowed:
+    if n_defined > embedding_rows or embedding_rows - n_defined > allowed:
         raise InputFileError(
-            vocab.source,
-            f"defines {vocab.n_defined} tokens but the token embedding has {embedding_rows} rows",
+            source,
+            f"defines {n_defined} tokens but the token embedding has {embedding_rows} rows",
             "the tokenizer was probably saved without its vocabulary (only special tokens); save the full tokenizer with the model",
         )
 

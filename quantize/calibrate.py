@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantmill.atomic import ensure_writable_dir
+from quantmill.calib_data.generated import GENERATED_SPEC, generate_sequences
 from quantmill.calib_data.loaders import DEFAULT_TEXT_FIELD, load_calibration_text
 from quantmill.calib_data.sampling import CalibrationSet, check_sizes, load_tokenize, sample_sequences
 from quantmill.errors import InputFileError, OutputError
@@ -20,15 +21,28 @@ class CalibrateResult:
 
 
 def prepare_calibration(
-    model_dir: Path, calib: str, samples: int, seqlen: int, seed: int, text_field: str = DEFAULT_TEXT_FIELD
+    model_dir: Path,
+    calib: str,
+    samples: int,
+    seqlen: int,
+    seed: int,
+    text_field: str = DEFAULT_TEXT_FIELD,
+    *,
+    progress: bool = True,
 ) -> CalibrationSet:
-    """Check the model, then load, tokenize and sample the calibration text (cheap checks first)."""
+    """Check the model, then load, tokenize and sample the calibration text (cheap checks first).
+
+    ``calib`` is ``bundled``, a file, ``hub:OWNER/NAME[:SPLIT]``, or ``generated`` (the model
+    samples its own sequences from seeded prompts; see ``calib_data/generated.py``).
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise InputFileError(model_dir, "model directory not found", "pass a Hugging Face model directory")
     arch_for(model_dir, read_config(model_dir))
     check_sizes(samples, seqlen)
     tokenize = load_tokenize(model_dir)
+    if calib == GENERATED_SPEC:
+        return generate_sequences(model_dir, samples, seqlen, seed, progress=progress)
     return sample_sequences(load_calibration_text(calib, text_field), tokenize, samples, seqlen, seed)
 
 
@@ -51,7 +65,7 @@ def calibrate_imatrix(
     if out.is_dir():
         raise OutputError(f"{out}: is a directory; pass a file name such as imatrix.gguf")
     ensure_writable_dir(out.parent)
-    calibration = prepare_calibration(model_dir, calib, samples, seqlen, seed, text_field)
+    calibration = prepare_calibration(model_dir, calib, samples, seqlen, seed, text_field, progress=progress)
     stats = collect_importance(Path(model_dir), calibration, device=device, progress=progress)
     imatrix = imatrix_from_stats(stats, calibration)
     write_imatrix(imatrix, out)

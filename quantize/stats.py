@@ -2,7 +2,7 @@
 
 Two accumulators, selectable by name (``COLLECTORS``):
 
-* ``sum_squares``: Σx² per input column (float64) and the token count: the importance
+* ``sum_squares``: Σx² per input column (float64 across batches) and the token count: the importance
   matrix that llama.cpp's K-quants and IQ types use.
 * ``hessian``: XᵀX (in_features x in_features, float32) and the token count: what GPTQ
   needs (its H is 2·XᵀX / count). Its diagonal is Σx² again.
@@ -53,12 +53,13 @@ class SumSquares:
         return cls(torch.zeros(in_features, dtype=torch.float64, device=device))
 
     def add(self, x: torch.Tensor) -> None:
-        xd = x.to(self.sum_sq.dtype)
-        self.sum_sq += (xd * xd).sum(dim=0)
+        # one batch is summed in float32 (7x faster than float64 on CPU), batches in float64
+        xf = x.float()
+        self.sum_sq += (xf * xf).sum(dim=0).to(self.sum_sq.dtype)
         self.count += int(x.shape[0])
 
     def values(self) -> np.ndarray:
-        return self.sum_sq.cpu().numpy()
+        return self.sum_sq.cpu().numpy().copy()
 
 
 @dataclass
@@ -102,24 +103,35 @@ class LayerStats:
 def attach_collectors(
     step: DecoderLayerStep, kinds: Sequence[str], linears: Sequence[str] | None = None
 ) -> tuple[dict[str, dict[str, InputCollector]], dict[str, Observer]]:
-    """Fresh collectors for ``linears`` (default: all) of ``step``, and the observers feeding them."""
+    """Fresh collectors for ``linears`` (default: all) of ``step``, and the observers feeding them.
+
+    Linears of one input group (q/k/v, gate/up) read the same input, so they share one set
+    of collector objects, fed once: ``collectors`` maps each HF linear name to its set.
+    """
     unknown = sorted(set(kinds) - set(COLLECTORS))
     if unknown or not kinds:
         raise UserInputError(f"statistics kinds {unknown or list(kinds)} are not known; choose from {', '.join(sorted(COLLECTORS))}")
     modules = step.linears()
-    names = list(linears) if linears is not None else list(modules)
+    selected = set(linears) if linears is not None else set(modules)
+    strangers = sorted(selected - set(modules))
+    if strangers:
+        raise KeyError(f"layer {step.index} has no linear(s) {strangers}")
     collectors: dict[str, dict[str, InputCollector]] = {}
     observers: dict[str, Observer] = {}
-    for name in names:
-        linear = modules[name]
-        per_kind = {kind: COLLECTORS[kind](linear.in_features, step.runner.device) for kind in sorted(set(kinds))}
-        collectors[step.hf_name(name)] = per_kind
+    for group in step.arch.linear_groups:
+        members = [name for name in group if name in selected]
+        if not members:
+            continue
+        in_features = modules[members[0]].in_features
+        per_kind = {kind: COLLECTORS[kind](in_features, step.runner.device) for kind in sorted(set(kinds))}
+        for name in members:
+            collectors[step.hf_name(name)] = per_kind
 
         def observe(x: torch.Tensor, _cs: tuple[InputCollector, ...] = tuple(per_kind.values())) -> None:
             for collector in _cs:
                 collector.add(x)
 
-        observers[name] = observe
+        observers[members[0]] = observe
     return collectors, observers
 
 
@@ -130,7 +142,7 @@ def iter_layer_stats(
     *,
     device: str = "cpu",
     progress: bool = True,
-) -> Iterator[tuple[DecoderArch, LayerStats]]:
+) -> Iterator[LayerStats]:
     """One forward pass, layer by layer; yields each layer's input statistics when it is done."""
     from quantmill.quantize.layerwise import LayerwiseRunner
 
@@ -138,7 +150,7 @@ def iter_layer_stats(
     for step in runner.layers():
         collectors, observers = attach_collectors(step, kinds)
         step.run(observers, update=True)
-        yield runner.arch, LayerStats(step.index, collectors)
+        yield LayerStats(step.index, collectors)
 
 
 @dataclass(frozen=True)
@@ -153,16 +165,17 @@ class ImportanceStats:
 
 def collect_importance(model_dir: Path, calib: CalibrationSet, *, device: str = "cpu", progress: bool = True) -> ImportanceStats:
     """The importance matrix of every decoder linear, from one layer-by-layer pass."""
+    from quantmill.quantize.layerwise import arch_for, read_config
+
+    arch = arch_for(model_dir, read_config(model_dir))
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    arch = None
     n_layers = 0
-    for arch, layer in iter_layer_stats(model_dir, calib, ("sum_squares",), device=device, progress=progress):
+    for layer in iter_layer_stats(model_dir, calib, ("sum_squares",), device=device, progress=progress):
         n_layers = layer.index + 1
         for name, per_kind in layer.collectors.items():
             collector = per_kind["sum_squares"]
             assert isinstance(collector, SumSquares)
             sums[name] = collector.values()
             counts[name] = collector.count
-    assert arch is not None
     return ImportanceStats(arch, n_layers, dict(sorted(sums.items())), dict(sorted(counts.items())))

@@ -14,7 +14,8 @@ DEFAULT_SEQLEN = 512
 @click.command("calibrate")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--calib", default=BUNDLED_SPEC, show_default=True,
-              help="calibration text: 'bundled', a .txt/.jsonl/.parquet file, or hub:OWNER/NAME[:SPLIT] from the local HF cache")
+              help="calibration text: 'bundled', a .txt/.jsonl/.parquet file, hub:OWNER/NAME[:SPLIT] from the local HF cache,"
+                   " or 'generated' (the model samples its own text from seeded prompts; loads the whole model)")
 @click.option("--text-field", default="text", show_default=True, help="field/column holding the text in .jsonl/.parquet")
 @click.option("--calib-samples", type=int, default=DEFAULT_SAMPLES, show_default=True, help="number of sequences")
 @click.option("--calib-seqlen", type=int, default=DEFAULT_SEQLEN, show_default=True, help="tokens per sequence")

@@ -24,6 +24,8 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     ((), "quantmill.quantize.stats_cli", "calibrate"),
     ((), "quantmill.convert.merge.cli", "merge"),
     (("convert",), "quantmill.convert.merge.cli", "lora_to_gguf"),
+    (("quantize",), "quantmill.quantize.gptq.cli", "quantize_gptq"),
+    ((), "quantmill.convert.bake_cli", "bake"),
 )
 
 GROUP_HELP = {

@@ -246,3 +246,17 @@ def test_real_tokenizer_sampling_is_stable(tiny_bpe_llama: Path) -> None:
     assert first.sha256 == again.sha256
     assert first.corpus_tokens >= 300_000  # the bundled corpus in SmolLM2 tokens
     assert int(first.token_ids.max()) < 49152
+
+
+def test_generated_sequences_are_seeded_and_start_with_ordinary_tokens(tiny_bpe_llama: Path) -> None:
+    from quantmill.calib_data.generated import generate_sequences, special_token_ids
+
+    a = generate_sequences(tiny_bpe_llama, samples=3, seqlen=12, seed=5, batch_size=2, progress=False)
+    b = generate_sequences(tiny_bpe_llama, samples=3, seqlen=12, seed=5, batch_size=2, progress=False)
+    c = generate_sequences(tiny_bpe_llama, samples=3, seqlen=12, seed=6, batch_size=2, progress=False)
+    assert a.token_ids.shape == (3, 12) and a.source.startswith("generated")
+    assert a.sha256 == b.sha256 and np.array_equal(a.token_ids, b.token_ids)
+    assert a.sha256 != c.sha256 and not np.array_equal(a.token_ids[:, 0], c.token_ids[:, 0])
+    special = special_token_ids(tiny_bpe_llama)
+    assert special and not set(a.token_ids[:, 0].tolist()) & special
+    assert int(a.token_ids.max()) < 49152

@@ -14,7 +14,7 @@ import pytest
 from quantmill.calib_data.loaders import CalibrationText
 from quantmill.calib_data.sampling import CalibrationSet, load_tokenize, sample_sequences
 from quantmill.cli import main
-from quantmill.errors import UnsupportedError
+from quantmill.errors import InputFileError, UnsupportedError
 from quantmill.quantize.gguf.imatrix import (
     Imatrix,
     ImatrixEntry,
@@ -68,10 +68,14 @@ def _reference_stats(model_dir: Path, ids: np.ndarray) -> dict[str, tuple[np.nda
 def test_layerwise_stats_match_the_whole_model(tiny_fp16: Path, calib: CalibrationSet) -> None:
     reference = _reference_stats(tiny_fp16, calib.token_ids)
     got: dict[str, dict] = {}
-    for _arch, layer in iter_layer_stats(tiny_fp16, calib, ("hessian", "sum_squares"), progress=False):
+    for layer in iter_layer_stats(tiny_fp16, calib, ("hessian", "sum_squares"), progress=False):
         got.update(layer.collectors)
     assert sorted(got) == sorted(reference)
     assert len(got) == 3 * len(LLAMA_LINEARS)
+    # linears that read the same input share one set of collectors (fed once)
+    assert got["model.layers.0.self_attn.q_proj"] is got["model.layers.0.self_attn.v_proj"]
+    assert got["model.layers.0.mlp.gate_proj"] is got["model.layers.0.mlp.up_proj"]
+    assert got["model.layers.0.mlp.up_proj"] is not got["model.layers.0.mlp.down_proj"]
     tokens = calib.samples * calib.seqlen
     for name, (ref_sq, ref_xtx) in reference.items():
         sq, hess = got[name]["sum_squares"], got[name]["hessian"]
@@ -245,6 +249,13 @@ def test_imatrix_param_array_is_null_terminated_means() -> None:
         ("quantize.imatrix.entries_count", 2),
         ("quantize.imatrix.chunks_count", 2),
     ]
+    from quantmill.quantize.gguf.imatrix_data import check_imatrix_fits
+
+    check_imatrix_fits(imatrix.means(), {"blk.0.attn_q.weight": 2, "blk.0.ffn_up.weight": 3, "output.weight": 2}, "im.gguf", "m.gguf")
+    with pytest.raises(InputFileError, match=r"im\.gguf: entry blk\.0\.ffn_up\.weight has 3 values but .* have 4"):
+        check_imatrix_fits(imatrix.means(), {"blk.0.ffn_up.weight": 4}, "im.gguf", "m.gguf")
+    with pytest.raises(InputFileError, match="has no entry for any weight of m.gguf"):
+        check_imatrix_fits(imatrix.means(), {"blk.9.ffn_up.weight": 3}, "im.gguf", "m.gguf")
     kv, _keep = kv_override_array(items)
     assert kv[2].key == b"quantize.imatrix.entries_count" and kv[2].value.val_i64 == 2
     assert kv[1].value.val_str == b"bundled"
@@ -281,25 +292,32 @@ def test_smollm2_imatrix_enables_iq2_xs_in_libllama(tmp_path: Path, smollm2_f16:
     assert imatrix.entries["blk.29.ffn_down.weight"].sums.shape == (1, 1536)
 
     def quantize(with_imatrix: bool) -> int:
+        # Q8_0 everywhere (fast) except one ffn_down as IQ2_XS, a type libllama refuses without an imatrix
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_IQ2_XS
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
         params.nthread = 2
-        keep: list[object] = []
+        overrides = (llama_cpp.llama_model_tensor_override * 2)()
+        overrides[0].pattern, overrides[0].type = rb"blk\.7\.ffn_down", int(gguf.GGMLQuantizationType.IQ2_XS)
+        overrides[1].pattern = None
+        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        keep: list[object] = [overrides]
         if with_imatrix:
-            params.imatrix, keep = imatrix_param_array(out)
+            params.imatrix, imatrix_keep = imatrix_param_array(out)
             kv, kv_keep = kv_override_array(imatrix_kv_overrides(out, "imatrix.gguf"))
             params.kv_overrides = kv
-            keep += kv_keep
+            keep += imatrix_keep + kv_keep
         target = tmp_path / f"iq2_xs_{with_imatrix}.gguf"
         return llama_cpp.llama_model_quantize(os.fsencode(f16), os.fsencode(target), ctypes.byref(params))
 
-    assert quantize(False) != 0  # libllama refuses IQ2_XS without an importance matrix
+    assert quantize(False) != 0  # refused: IQ2_XS needs an importance matrix
     assert quantize(True) == 0
     reader = gguf.GGUFReader(str(tmp_path / "iq2_xs_True.gguf"))
     assert reader.fields["quantize.imatrix.entries_count"].contents() == 210
     assert reader.fields["quantize.imatrix.dataset"].contents() == "bundled"
+    assert reader.fields["quantize.imatrix.chunks_count"].contents() == 4
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert "IQ2_XS" in set(types.values())
+    assert types["blk.7.ffn_down.weight"] == "IQ2_XS"
+    assert types["blk.6.ffn_down.weight"] == types["blk.0.attn_q.weight"] == "Q8_0"
 
 
 def _llama_tool(name: str) -> Path | None:

@@ -6,7 +6,7 @@ subclass and registers it with ``@register(...)`` under its Hugging Face
 architecture it becomes, how HF tensor names map to GGUF names, which per-tensor
 transforms apply (as row permutations, so tensors can be streamed in row chunks),
 which tensors it generates (such as ``rope_freqs``), which hyper-parameter keys it
-writes and which vocabulary adjustments it needs.
+writes, which tokenizer kinds it accepts and which vocabulary adjustments it needs.
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ class Architecture:
     gguf_arch: ClassVar[gguf.MODEL_ARCH]
     # Per GGUF tensor kind, a row permutation applied before writing.
     row_transforms: ClassVar[Mapping[gguf.MODEL_TENSOR, RowTransform]] = {}
+    # Tokenizer kinds this family ships with (see quantmill.convert.vocab.VOCAB_KINDS).
+    vocab_kinds: ClassVar[tuple[str, ...]] = ("sentencepiece", "bpe")
     # HF tensors that carry no weights llama.cpp needs.
     skip_suffixes: ClassVar[tuple[str, ...]] = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 

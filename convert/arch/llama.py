@@ -7,7 +7,9 @@ llama.cpp's converter reads the config through transformers and writes what it s
 this converter does not use (LongLLaMA's ``mem_layers``, ``mem_dtype``,
 ``last_context_length`` ...) are ignored.
 
-RoPE: ``linear`` and ``yarn`` become ``rope.scaling.*`` keys; ``llama3`` becomes the
+RoPE: ``linear`` and ``yarn`` become ``rope.scaling.*`` keys (``yarn`` with factor 1, i.e.
+NTK-YaRN as ``quantmill bake`` writes it, becomes scaling type ``none`` plus
+``rope.scaling.attn_factor``, which llama.cpp applies for every architecture); ``llama3`` becomes the
 generated ``rope_freqs`` tensor (per-frequency divisors, computed in float32 exactly
 as llama.cpp's converter does); ``dynamic`` is dropped, as llama.cpp has no runtime
 support for it; any other type is refused.
@@ -74,24 +76,30 @@ def _permute_k(hp: HParams, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> np.ndarray:
-    """Per-frequency divisors of Llama 3.1 RoPE scaling, as float32 (the ``rope_freqs`` tensor)."""
+    """Per-frequency divisors of Llama 3.1 RoPE scaling, as float32 (the ``rope_freqs`` tensor).
+
+    Float32 arithmetic in the order llama.cpp's converter evaluates it with torch (where
+    ``k / t`` is ``reciprocal(t) * k``). The power is rounded from float64: torch's float32
+    power is not always correctly rounded, so for some head dims a value can differ from
+    llama.cpp's by one unit in the last place; for Llama 3.1/3.2's parameters they agree.
+    """
     f32 = np.float32
     base = rope.get("rope_theta", DEFAULT_ROPE_THETA)
     factor = rope.get("factor", 8.0)
     low = rope.get("low_freq_factor", 1.0)
     high = rope.get("high_freq_factor", 4.0)
     old_ctx = rope.get("original_max_position_embeddings", 8192)
-    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-    freqs = f32(1.0) / np.power(f32(base), np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim))
-    factors: list[float] = []
+    exponents = np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)
+    freqs = f32(1.0) / np.power(np.float64(base), exponents.astype(np.float64)).astype(f32)
+    factors: list[np.float32] = []
     for freq in freqs:
-        wavelen = f32(2 * math.pi) / freq
-        if wavelen < f32(high_wavelen):
-            factors.append(1.0)
-        elif wavelen > f32(low_wavelen):
-            factors.append(factor)
+        wavelen = (f32(1) / freq) * f32(2 * math.pi)
+        if wavelen < f32(old_ctx / high):
+            factors.append(f32(1))
+        elif wavelen > f32(old_ctx / low):
+            factors.append(f32(factor))
         else:
-            smooth = (f32(old_ctx) / wavelen - f32(low)) / f32(high - low)
+            smooth = ((f32(1) / wavelen) * f32(old_ctx) - f32(low)) / f32(high - low)
             factors.append(f32(1) / ((f32(1) - smooth) / f32(factor) + smooth))
     return np.array(factors, dtype=f32)
 
@@ -191,6 +199,14 @@ def _rope_linear(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
 
 def _rope_yarn(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
     if rope.get("factor") is None:
+        return
+    if float(rope["factor"]) == 1.0:
+        # YaRN without interpolation (NTK-YaRN, as quantmill bakes it): unscaled RoPE whose
+        # cos/sin are multiplied by attention_factor; llama.cpp reads that as rope.scaling.attn_factor
+        # for every architecture (the yarn_attn_factor key only for a few).
+        writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+        if (attn := rope.get("attention_factor")) is not None:
+            writer.add_rope_scaling_attn_factors(attn)
         return
     writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
     writer.add_rope_scaling_factor(rope["factor"])

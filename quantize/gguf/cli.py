@@ -1,6 +1,7 @@
 """``quantmill quantize gguf``: a thin click command over :mod:`quantmill.quantize.gguf.libllama`."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -43,6 +44,7 @@ def quantize_gguf(
         overrides=parse_overrides(overrides),
         threads=threads,
         allow_requantize=allow_requantize,
+        progress=sys.stderr.isatty(),
     )
     summary = result.summary
     click.echo(

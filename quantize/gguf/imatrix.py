@@ -14,6 +14,7 @@ attn_k does not change it.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,12 +70,16 @@ class Imatrix:
         return {name: self.entries[name].means() for name in sorted(self.entries)}
 
 
-def gguf_weight_name(gguf_arch: str, hf_linear: str, n_layers: int) -> str:
-    """``model.layers.3.self_attn.q_proj`` -> ``blk.3.attn_q.weight`` via gguf-py's tensor-name map."""
+@functools.cache
+def _tensor_name_map(gguf_arch: str, n_layers: int) -> Any:
     import gguf
 
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[gguf_arch], n_layers)
-    mapped = name_map.get_name(hf_linear)
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[gguf_arch], n_layers)  # slow to build: once per model
+
+
+def gguf_weight_name(gguf_arch: str, hf_linear: str, n_layers: int) -> str:
+    """``model.layers.3.self_attn.q_proj`` -> ``blk.3.attn_q.weight`` via gguf-py's tensor-name map."""
+    mapped = _tensor_name_map(gguf_arch, n_layers).get_name(hf_linear)
     if mapped is None:
         raise KeyError(f"no GGUF name for {hf_linear!r} in gguf-py's {gguf_arch} tensor map")
     return f"{mapped}.weight"

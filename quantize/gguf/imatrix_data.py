@@ -9,6 +9,7 @@ libllama does not record where they came from: the ``quantize.imatrix.*`` keys t
 
 Usage (in the libllama wrapper)::
 
+    check_imatrix_fits(imatrix_means(imatrix), row_lengths, imatrix_path, source)
     array, keepalive = imatrix_param_array(imatrix)
     params.imatrix = array            # keep ``keepalive`` referenced until quantize returns
     kv, kv_keep = kv_override_array(imatrix_kv_overrides(imatrix, path))
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from quantmill.errors import InputFileError
 from quantmill.quantize.gguf.imatrix import Imatrix, imatrix_means, read_imatrix
 
 KV_IMATRIX_FILE = "quantize.imatrix.file"
@@ -53,6 +55,29 @@ def imatrix_param_array(imatrix: Imatrix | Mapping[str, np.ndarray] | Path | str
     table[len(means)].name = None  # terminator: libllama stops at the first NULL name
     table[len(means)].size = 0
     return ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), keepalive
+
+
+def check_imatrix_fits(
+    means: Mapping[str, np.ndarray], row_lengths: Mapping[str, int], imatrix_path: str | Path, model_path: str | Path
+) -> None:
+    """Raise a one-line error when the imatrix was made for another model than ``model_path``.
+
+    ``row_lengths`` maps the model's 2-D weight names to their row length (ne[0]). libllama
+    would otherwise abort mid-file on the first tensor whose imatrix length differs.
+    """
+    shared = sorted(set(means) & set(row_lengths))
+    if not shared:
+        raise InputFileError(
+            imatrix_path, f"has no entry for any weight of {model_path} (e.g. {next(iter(sorted(row_lengths)), '?')!r})",
+            "make the imatrix from this model with `quantmill calibrate`",
+        )
+    for name in shared:
+        size = int(np.asarray(means[name]).size)
+        if size % row_lengths[name]:
+            raise InputFileError(
+                imatrix_path, f"entry {name} has {size} values but the tensor's rows in {model_path} have {row_lengths[name]}",
+                "make the imatrix from this model with `quantmill calibrate`",
+            )
 
 
 def imatrix_kv_overrides(imatrix: Imatrix | Path | str, file_name: str | Path | None = None) -> list[tuple[str, int | str]]:

@@ -17,10 +17,10 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gguf.constants import GGMLQuantizationType
 
@@ -67,17 +67,27 @@ _FALLBACK_RE = re.compile(
 # --------------------------------------------------------------------------- log routing
 
 
+# libllama's per-tensor quantization line: "[  12/ 272] blk.1.attn_q.weight - ..."
+_TENSOR_PROGRESS_RE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
+
+
 @dataclass
 class LibllamaLog:
-    """Text libllama logged while a :func:`libllama_log` block was active."""
+    """Text libllama logged while a :func:`libllama_log` block was active.
+
+    ``on_tensor(done, total)`` is called for each tensor line ``llama_model_quantize`` logs.
+    """
 
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    on_tensor: Callable[[int, int], None] | None = None
     _level: int = logging.DEBUG
 
     def add(self, ggml_level: int, text: str) -> None:
         level = self._level if ggml_level == _GGML_LEVEL_CONT else _GGML_LEVELS.get(ggml_level, logging.DEBUG)
         self._level = level
+        if self.on_tensor is not None and (match := _TENSOR_PROGRESS_RE.match(text)):
+            self.on_tensor(int(match.group(1)), int(match.group(2)))
         if level >= logging.ERROR:
             self.errors.append(text)
         elif level >= logging.WARNING:
@@ -113,10 +123,10 @@ def _install_log_callback() -> object:
 
 
 @contextlib.contextmanager
-def libllama_log() -> Iterator[LibllamaLog]:
+def libllama_log(on_tensor: Callable[[int, int], None] | None = None) -> Iterator[LibllamaLog]:
     """Collect libllama's log during the block; nothing of it reaches stderr."""
     _install_log_callback()
-    log = LibllamaLog()
+    log = LibllamaLog(on_tensor=on_tensor)
     _active_log.append(log)
     try:
         yield log
@@ -242,7 +252,7 @@ def _build_params(
     overrides: Sequence[TensorOverride],
     threads: int | None,
     allow_requantize: bool,
-) -> tuple[object, object | None, list[bytes]]:
+) -> tuple[Any, Any, list[bytes]]:
     """The ``llama_model_quantize_params`` struct, plus objects that must stay alive with it."""
     import llama_cpp
 
@@ -279,6 +289,11 @@ def _parse_fallbacks(warnings: Sequence[str]) -> tuple[Fallback, ...]:
     return tuple(found[name] for name in sorted(found))
 
 
+def _advance(bar: Any, done: int, total: int) -> None:
+    bar.total = total
+    bar.update(done - bar.n)
+
+
 def quantize_gguf(
     source: str | Path,
     file_type: str | GGUFFileType,
@@ -288,6 +303,7 @@ def quantize_gguf(
     threads: int | None = None,
     allow_requantize: bool = False,
     imatrix: Mapping[str, np.ndarray] | None = None,
+    progress: bool = False,
 ) -> QuantizeResult:
     """Quantize the GGUF ``source`` to ``file_type`` with libllama; return what was written.
 
@@ -299,6 +315,8 @@ def quantize_gguf(
     → float32 vector of the mean squared input activation per input column (Σx²/count; length =
     the tensor's row length, times the expert count for MoE tensors). It is not implemented
     yet: passing one raises UnsupportedError.
+
+    ``progress`` shows a per-tensor progress bar on stderr.
     """
     source = Path(source)
     check_gguf_magic(source)
@@ -308,9 +326,15 @@ def quantize_gguf(
 
     import llama_cpp
 
+    from tqdm import tqdm
+
     params, _table, _keep = _build_params(spec, overrides, threads, allow_requantize)
     started = time.perf_counter()
-    with atomic_file(target) as tmp, libllama_log() as log:
+    with (
+        tqdm(desc=f"quantize {spec.name}", unit="tensor", disable=not progress, leave=False) as bar,
+        atomic_file(target) as tmp,
+        libllama_log(on_tensor=lambda done, total: _advance(bar, done, total)) as log,
+    ):
         status = llama_cpp.llama_model_quantize(
             os.fsencode(source), os.fsencode(tmp), ctypes.byref(params)
         )

@@ -17,7 +17,9 @@ Runs on the device of ``weight`` (CPU or CUDA).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -90,8 +92,77 @@ def _static_grids(w: torch.Tensor, spec: BranchSpec, group: int) -> list[Grid]:
     return [find_grid(w[:, start : start + group], spec.bits, spec.sym) for start in range(0, w.shape[1], group)]
 
 
+@contextlib.contextmanager
+def _single_thread(device: torch.device) -> Iterator[None]:
+    """One CPU thread for GPTQ's own work: its column loop's operations are too small to gain from
+    more, and on a busy machine every parallel region waits for the slowest thread (measured on a
+    shared 2-core machine: column loop 5x, cholesky_inverse 40x slower with 2 threads than with 1)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if device.type == "cpu" and previous > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+@dataclass
+class _Sweep:
+    """The state of one GPTQ pass over the (permuted) columns, stored transposed: one column is
+    one contiguous row, so each step's vector operations and rank-1 update run over contiguous memory."""
+
+    wt: torch.Tensor  # (cols, rows): weights, updated as errors are spread
+    hinv: torch.Tensor  # upper Cholesky factor of H⁻¹
+    spec: BranchSpec
+    group: int
+    order: list[int]  # original column of each processed column
+    static: list[Grid]
+    codes: torch.Tensor  # (cols, rows)
+    deq: torch.Tensor  # (cols, rows)
+    row_loss: torch.Tensor
+    grids: list[Grid]
+
+    def block(self, i1: int, i2: int) -> None:
+        """Quantize columns [i1, i2), then spread their errors over the later columns (lazy batch update)."""
+        import torch
+
+        w1 = self.wt[i1:i2].clone()
+        err1 = torch.empty_like(w1)
+        hinv1 = self.hinv[i1:i2, i1:i2]
+        grid = self.grids[-1] if self.grids and not self.static else None
+        for i in range(i2 - i1):
+            col = i1 + i
+            if self.static:
+                grid = self.static[self.order[col] // self.group]
+            elif col % self.group == 0:  # a group starts: its grid comes from the weights as updated so far
+                end = col + self.group
+                span = w1[i : i + self.group] if end <= i2 else torch.cat((w1[i:], self.wt[i2:end]))
+                grid = find_grid(span.t(), self.spec.bits, self.spec.sym)
+                self.grids.append(grid)
+            assert grid is not None
+            x = w1[i]
+            q = grid.codes(x)
+            qx = grid.dequantize(q)
+            self.codes[col] = q
+            self.deq[col] = qx
+            e = err1[i]
+            torch.sub(x, qx, out=e)
+            e.div_(hinv1[i, i])
+            w1[i:].addr_(hinv1[i, i:], e, alpha=-1.0)
+        self.row_loss += (err1.double() ** 2).sum(dim=0) / 2
+        self.wt[i2:].addmm_(self.hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: BranchSpec) -> GptqResult:
     """Quantize ``weight`` (rows, cols) with GPTQ under ``hessian`` (cols, cols) as ``spec`` says."""
+    with _single_thread(weight.device):
+        return _gptq(weight, hessian, spec)
+
+
+def _gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: BranchSpec) -> GptqResult:
     import torch
 
     w = weight.detach().to(torch.float32).clone()
@@ -112,53 +183,30 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: BranchSpec)
         hinv, damp, dtype, fallback = torch.eye(cols, device=w.device), None, None, FALLBACK_RTN
     else:
         (hinv, damp, dtype), fallback = factor, None
-    order = perm.tolist() if perm is not None else list(range(cols))
-    codes = torch.zeros_like(w)
-    deq = torch.zeros_like(w)
-    grids: list[Grid] = list(static)
-    row_loss = torch.zeros(rows, dtype=torch.float64, device=w.device)
-    grid: Grid | None = None
+    sweep = _Sweep(
+        w.t().contiguous(), hinv, spec, group, perm.tolist() if perm is not None else list(range(cols)), static,
+        torch.zeros(cols, rows, device=w.device), torch.zeros(cols, rows, device=w.device),
+        torch.zeros(rows, dtype=torch.float64, device=w.device), [],
+    )
+    del w
     for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if spec.static_groups:
-                grid = static[order[col] // group]
-            elif col % group == 0:  # a group starts: its grid comes from the weights as updated so far
-                span = w1[:, i : i + group] if col + group <= i2 else torch.cat((w1[:, i:], w[:, i2 : col + group]), dim=1)
-                grid = find_grid(span, spec.bits, spec.sym)
-                grids.append(grid)
-            assert grid is not None
-            x = w1[:, i]
-            q = grid.codes(x)
-            qx = grid.dequantize(q)
-            codes[:, col] = q
-            deq[:, col] = qx
-            d = hinv1[i, i]
-            e = (x - qx) / d
-            row_loss += e * e / 2
-            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        sweep.block(i1, min(i1 + block, cols))
+    codes, deq = sweep.codes.t(), sweep.deq.t()
+    columns = torch.arange(cols, device=hinv.device)
+    position = columns  # where each original column was processed
     if perm is not None:
-        inverse = torch.argsort(perm)
-        codes, deq = codes[:, inverse], deq[:, inverse]
-        position = inverse  # position of each original column in the processing order
-    else:
-        position = torch.arange(cols, device=w.device)
-    columns = torch.arange(cols, device=w.device)
+        position = torch.argsort(perm)
+        codes, deq = codes[:, position], deq[:, position]
     g_idx = (columns if spec.static_groups else position) // group
+    grids = static or sweep.grids
     return GptqResult(
-        codes=codes.to(torch.uint8),
+        codes=codes.to(torch.uint8).contiguous(),
         scales=torch.stack([g.scale for g in grids]),
         zeros=torch.stack([g.zero for g in grids]).to(torch.int32),
         g_idx=g_idx.to(torch.int32),
-        dequantized=deq,
+        dequantized=deq.contiguous(),
         damp_percent=damp,
         hessian_dtype=dtype,
         fallback=fallback,
-        row_loss=row_loss,
+        row_loss=sweep.row_loss,
     )

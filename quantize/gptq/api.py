@@ -4,13 +4,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quantmill.calib_data.loaders import DEFAULT_TEXT_FIELD
 from quantmill.quantize.gptq.branches import DEFAULT_DAMP_PERCENT, parse_branches
 from quantmill.quantize.gptq.checkpoint import DEFAULT_MAX_SHARD_BYTES
 from quantmill.quantize.gptq.engine import BranchResult, EngineOptions
 
-if False:  # typing only, without importing numpy-heavy modules at CLI import
+if TYPE_CHECKING:
     from quantmill.calib_data.sampling import CalibrationSet
 
 

@@ -3,16 +3,13 @@
     results = quantize_branches(model_dir, calibration, [spec, ...], out_dir)
 
 Per decoder layer the float weights are read once from the memory-mapped safetensors (the
-layer-by-layer machinery of :mod:`quantmill.quantize.layerwise`); then, for each branch:
-
-1. for each true-sequential group of linears (q/k/v, then o, then gate/up, then down) the
-   layer runs over that branch's hidden states until the group's inputs have been seen
-   (the rest of the forward is skipped) and XᵀX of the inputs is accumulated; linears that
-   read the same input tensor share one Hessian and are quantized stacked, as one matrix;
-2. the group's weights are replaced by their dequantized values, so later groups see the
-   quantized earlier ones;
-3. the whole quantized layer runs over the branch's hidden states, whose outputs become the
-   branch's inputs to the next layer.
+layer-by-layer machinery of :mod:`quantmill.quantize.layerwise`); then, for each branch, the
+layer's flow (:mod:`quantmill.quantize.gptq.flows`) walks its true-sequential groups (q/k/v,
+then o, then gate/up, then down): XᵀX of a group's inputs is accumulated over the branch's
+hidden states computed with the already-quantized earlier groups; linears that read the same
+input share one Hessian and are quantized stacked, as one matrix; their weights are replaced
+by the dequantized values; finally the quantized layer's outputs become the branch's inputs to
+the next layer.
 
 Each branch therefore keeps its own activation stream (samples × seqlen × hidden, float32): a
 branch's quantized layers change what its later layers see, so branches cannot share
@@ -44,6 +41,7 @@ from quantmill.quantize.gptq.checkpoint import (
     write_configs,
     write_log,
 )
+from quantmill.quantize.gptq.flows import Flow, flow_for
 from quantmill.quantize.gptq.packing import check_packable, pack_linear
 from quantmill.quantize.layerwise import DEFAULT_BATCH_TOKENS, DecoderArch, LayerwiseRunner, release_freed_memory
 
@@ -53,7 +51,7 @@ if TYPE_CHECKING:
 
     from quantmill.calib_data.sampling import CalibrationSet
     from quantmill.convert.safetensors_io import Checkpoint
-    from quantmill.quantize.stats import Hessian
+    from quantmill.quantize.gptq.hessian import BlockedHessian as Hessian
 
 
 @dataclass(frozen=True)
@@ -62,6 +60,7 @@ class EngineOptions:
     batch_tokens: int = DEFAULT_BATCH_TOKENS
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     progress: bool = True
+    fast_flow: bool = True  # the pre-norm flow where the architecture has one (False: generic hooks)
 
 
 @dataclass(frozen=True)
@@ -106,71 +105,12 @@ class _BranchRun:
     result: BranchResult
 
 
-class _StopForward(Exception):
-    """Raised by a hook once every input a group needs has been seen: the rest of the forward is skipped."""
-
-
-def _group_hessians(layer: nn.Module, names: Sequence[str], hidden: torch.Tensor, runner: LayerwiseRunner) -> dict[str, Hessian]:
-    """XᵀX of each linear's inputs over every sequence; linears fed the same tensor share one."""
-    import torch
-
-    from quantmill.quantize.stats import Hessian
-
-    found: dict[str, Hessian] = {}
-    batch_inputs: list[tuple[torch.Tensor, Hessian]] = []
-    pending: set[str] = set()
-
-    def make_hook(name: str) -> Any:
-        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0]
-            hessian = next((h for seen, h in batch_inputs if seen is x), None)
-            if hessian is None:
-                hessian = found.get(name) or Hessian.create(x.shape[-1], x.device)
-                hessian.add(x.reshape(-1, x.shape[-1]))
-                batch_inputs.append((x, hessian))
-            found.setdefault(name, hessian)
-            pending.discard(name)
-            if not pending:
-                raise _StopForward
-
-        return hook
-
-    handles = [layer.get_submodule(name).register_forward_pre_hook(make_hook(name)) for name in names]
-    try:
-        with torch.inference_mode():
-            for start in range(0, hidden.shape[0], runner.batch_size):
-                batch = hidden[start : start + runner.batch_size]
-                batch_inputs.clear()
-                pending.update(names)
-                try:
-                    layer(batch, position_embeddings=runner.position_embeddings(batch.shape[0]))
-                except _StopForward:
-                    continue
-                raise RuntimeError(f"decoder layer never called {sorted(pending)}; this is a quantmill bug")
-    finally:
-        for handle in handles:
-            handle.remove()
-        batch_inputs.clear()
-    return found
-
-
-def _advance(layer: nn.Module, hidden: torch.Tensor, runner: LayerwiseRunner) -> None:
-    """Replace ``hidden`` by the layer's outputs, batch by batch."""
-    import torch
-
-    with torch.inference_mode():
-        for start in range(0, hidden.shape[0], runner.batch_size):
-            batch = hidden[start : start + runner.batch_size]
-            out = layer(batch, position_embeddings=runner.position_embeddings(batch.shape[0]))
-            batch.copy_(out[0] if isinstance(out, tuple) else out)
-
-
 def _quantize_stacked(layer: nn.Module, index: int, names: list[str], hessian: Hessian, run: _BranchRun, arch: DecoderArch) -> None:
     import torch
 
     linears = [layer.get_submodule(name) for name in names]
     weight = torch.cat([linear.weight.detach() for linear in linears])
-    result = gptq_quantize(weight, hessian.xtx, run.spec)
+    result = gptq_quantize(weight, hessian.matrix(), run.spec)
     start = 0
     for name, linear in zip(names, linears, strict=True):
         part = result.rows(start, start + linear.out_features)
@@ -189,16 +129,13 @@ def _quantize_stacked(layer: nn.Module, index: int, names: list[str], hessian: H
         ))
 
 
-def _quantize_layer(layer: nn.Module, index: int, run: _BranchRun, runner: LayerwiseRunner) -> None:
-    arch = runner.arch
-    groups = arch.linear_groups if run.spec.true_sequential else (arch.linear_names,)
-    for group in groups:
-        hessians = _group_hessians(layer, group, run.hidden, runner)
+def _quantize_layer(layer: nn.Module, index: int, run: _BranchRun, runner: LayerwiseRunner, flow: Flow) -> None:
+    def quantize(group: Sequence[str], hessians: dict[str, Hessian]) -> None:
         for hessian in {id(h): h for h in hessians.values()}.values():  # each shared input once, in group order
             names = [name for name in group if hessians[name] is hessian]
-            _quantize_stacked(layer, index, names, hessian, run, arch)
-        del hessians
-    _advance(layer, run.hidden, runner)
+            _quantize_stacked(layer, index, names, hessian, run, runner.arch)
+
+    flow.run(layer, run.hidden, runner, quantize, run.spec.true_sequential)
 
 
 def check_model(ckpt: Checkpoint, runner: LayerwiseRunner) -> None:
@@ -248,13 +185,14 @@ def quantize_branches(
         for i, run in enumerate(runs):
             run.hidden = runner.hidden if i == len(runs) - 1 else runner.hidden.clone()
         runner.hidden = torch.empty(0)
+        flow = flow_for(runner.arch.model_type, runner.arch.linear_groups, options.fast_flow)
         bar = tqdm(total=runner.n_layers * len(runs), desc="gptq", unit="layer", disable=not options.progress)
         for index in range(runner.n_layers):
             float_layer = runner._load_layer(ckpt, index)  # adapter: one layer from the memory map
             for i, run in enumerate(runs):
                 layer = float_layer if i == len(runs) - 1 else copy.deepcopy(float_layer)
                 bar.set_postfix_str(f"{run.spec.name} layer {index}")
-                _quantize_layer(layer, index, run, runner)
+                _quantize_layer(layer, index, run, runner, flow)
                 del layer
                 bar.update(1)
             del float_layer

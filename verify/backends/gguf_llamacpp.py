@@ -11,6 +11,7 @@ import ctypes
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -115,7 +116,7 @@ class LlamaCppBackend:
             lc.llama_batch_free(batch)
             lc.llama_free(ctx)
 
-    def _run(self, ctx: object, batch: object, plan: ChunkPlan, n_seq: int) -> Iterator[ChunkLogProbs]:
+    def _run(self, ctx: Any, batch: Any, plan: ChunkPlan, n_seq: int) -> Iterator[ChunkLogProbs]:
         lc = self._llama
         n_ctx, first, n_scored = plan.n_ctx, plan.first, plan.n_scored
         capacity = n_seq * n_ctx

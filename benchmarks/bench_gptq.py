@@ -1,0 +1,279 @@
+"""quantmill's GPTQ engine side by side with GPTQModel 7.6, and its memory against depth.
+
+GPTQModel is never a dependency of quantmill: it lives in its own virtualenv (``--gptqmodel-python``),
+created with::
+
+    python3 -m venv .cache/gptqmodel-venv
+    .cache/gptqmodel-venv/bin/pip install torch==2.13.0 gptqmodel==7.6.0
+
+Sub-commands (each prints JSON lines, then a verdict):
+
+    python benchmarks/bench_gptq.py compare --bits 4 --group 64       # SmolLM2: time + perplexity
+    python benchmarks/bench_gptq.py load --branch OUT/gptq-4bit-64g-actorder_True   # GPTQModel loads ours
+    python benchmarks/bench_gptq.py memory --layers 8 32                # peak RSS vs depth
+
+``compare`` quantizes the bundled SmolLM2 reference with both tools on the SAME calibration token
+ids (quantmill's seeded sample of the bundled corpus, handed to GPTQModel as input_ids), with the
+same settings (act-order, symmetric, damp 0.01, true-sequential), then runs ``quantmill verify``
+on both outputs with the bundled evaluation text. ``load`` loads a quantmill branch with
+transformers + GPTQModel (CPU, torch kernel) and compares its logits with quantmill's own
+dequantized model. ``memory`` measures peak RSS of ``quantize_branches`` on random 8- and
+32-layer llamas of the same width, each in a fresh subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_GPTQMODEL_PYTHON = ROOT / ".cache" / "gptqmodel-venv" / "bin" / "python"
+
+GPTQMODEL_QUANTIZE = r"""
+import json, os, sys, time
+import numpy as np, torch
+ref, ids_path, out, bits, group, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+torch.set_num_threads(threads)
+from gptqmodel import GPTQModel, QuantizeConfig
+ids = np.load(ids_path)
+calib = [{"input_ids": torch.from_numpy(r.astype(np.int64))[None], "attention_mask": torch.ones(1, ids.shape[1], dtype=torch.long)}
+         for r in ids]
+qcfg = QuantizeConfig(bits=bits, group_size=group, desc_act=True, act_group_aware=False, sym=True, damp_percent=0.01,
+                      true_sequential=True, static_groups=False, format="gptq")
+t0 = time.perf_counter()
+model = GPTQModel.load(ref, qcfg, device="cpu", dtype=torch.float32)
+model.quantize(calib, batch_size=1)
+model.save(out)
+print(json.dumps({"gptqmodel_seconds_in_process": time.perf_counter() - t0}))
+"""
+
+GPTQMODEL_LOGITS = r"""
+import json, sys
+import numpy as np, torch
+path, ids_path, out, how = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+torch.set_num_threads(2)
+ids = torch.from_numpy(np.load(ids_path).astype(np.int64))
+# GPTQModel's CPU (torch) kernel loads in float16 / bfloat16 only
+if how.startswith("transformers"):  # transformers' GPTQ loader (optimum + GPTQModel underneath)
+    from transformers import AutoModelForCausalLM, GPTQConfig
+    bits = json.load(open(path + "/quantize_config.json"))["bits"]
+    override = {"quantization_config": GPTQConfig(bits=bits, backend="torch")} if how == "transformers-torch" else {}
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float16, **override)
+else:
+    from gptqmodel import BACKEND, GPTQModel
+    model = GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model
+quant = {n: m for n, m in model.named_modules() if hasattr(m, "qweight")}
+result = {"loader": how, "quant_modules": len(quant), "classes": sorted({type(m).__name__ for m in quant.values()})}
+arrays = {}
+with torch.no_grad():
+    for name in sorted(quant)[:3] + sorted(quant)[-2:]:
+        arrays["w:" + name] = quant[name].dequantize_weight().T.float().numpy()  # (out, in)
+    arrays["logits_fp16"] = model(input_ids=ids).logits.float().numpy()
+    torch.nn.Module.float(model)  # the same kernels, dequantizing and multiplying in float32 (transformers blocks .float())
+    for m in quant.values():
+        for reset in ("clear_weight_cache", "_stream_reset_cache"):
+            if hasattr(m, reset):
+                getattr(m, reset)()
+    arrays["logits_fp32"] = model(input_ids=ids).logits.float().numpy()
+np.savez(out, **arrays)
+print(json.dumps(result))
+"""
+
+MEMORY_WORKER = r"""
+import json, resource, sys, time
+from pathlib import Path
+import numpy as np, torch
+torch.set_num_threads(int(sys.argv[4]))
+from quantmill.calib_data.sampling import sample_from_stream
+from quantmill.quantize.gptq.branches import parse_branches
+from quantmill.quantize.gptq.engine import EngineOptions, quantize_branches
+model, samples, seqlen = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+stream = np.random.Generator(np.random.PCG64(0)).integers(0, vocab, size=samples * seqlen * 2, dtype=np.int32)
+calib = sample_from_stream(stream, "random", samples, seqlen, seed=0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+quantize_branches(model, calib, parse_branches(sys.argv[5].split(",")), model / "out", EngineOptions(progress=False))
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_before_pass_mb": before / 1024, "seconds": time.perf_counter() - start}))
+"""
+
+
+# Loaders of a quantmill branch in the GPTQModel venv. transformers' default backend choice on CPU is
+# GPTQModel's aten int4 kernel, which re-quantizes scales/zeros to bfloat16 (its logits move ~1%, the
+# weights it dequantizes are identical); the torch kernel reproduces the stored weights exactly.
+LOADERS = ("transformers-torch", "gptqmodel-torch", "transformers-auto")
+STRICT_LOADERS = ("transformers-torch", "gptqmodel-torch")
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, float, float]:
+    """Run ``cmd``; return (stdout, wall seconds, CPU seconds of the child)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed:\n{result.stderr[-4000:]}")
+    return result.stdout, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def quantmill_cli() -> list[str]:
+    return [sys.executable, "-m", "quantmill.cli"]
+
+
+def verify_ppl(reference: Path, paths: list[Path], threads: int, json_path: Path) -> dict[str, float]:
+    from quantmill.calib_data.bundled import eval_file
+
+    run([*quantmill_cli(), "verify", *map(str, paths), "--reference", str(reference), "--text", str(eval_file()),
+         "--threads", str(threads), "--json", str(json_path)])
+    report = json.loads(json_path.read_text())
+    records = report["artifacts"] if isinstance(report, dict) and "artifacts" in report else report
+    return {Path(r["path"]).name: r for r in records}
+
+
+def compare(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from quantmill.default_model import default_reference
+    from quantmill.quantize.calibrate import prepare_calibration
+
+    reference = default_reference()
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_gptq_"))
+    work.mkdir(parents=True, exist_ok=True)
+    calib = prepare_calibration(reference, "bundled", args.samples, args.seqlen, args.seed)
+    ids_path = work / "calib_ids.npy"
+    np.save(ids_path, calib.token_ids)
+    spec = f"{args.bits}bit-{args.group}g-actorder" if args.group > 0 else f"{args.bits}bit-none-actorder"
+    ours = work / "quantmill"
+    _, q_wall, q_cpu = run([*quantmill_cli(), "quantize", "gptq", str(reference), "--out", str(ours), "--branch", spec,
+                            "--calib", "bundled", "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen),
+                            "--seed", str(args.seed), "--damp", "0.01", "--threads", str(args.threads), "--no-progress"])
+    branch = next(p for p in ours.iterdir() if p.is_dir())
+    row = {"tool": "quantmill", "branch": branch.name, "wall_s": round(q_wall, 1), "cpu_s": round(q_cpu, 1),
+           "threads": args.threads, "token_sha256": calib.sha256, "load_avg_1m": os.getloadavg()[0]}
+    print(json.dumps(row), flush=True)
+    theirs = work / f"gptqmodel-{args.bits}bit-{args.group}g"
+    if not args.skip_gptqmodel:
+        out, g_wall, g_cpu = run([str(args.gptqmodel_python), "-c", GPTQMODEL_QUANTIZE, str(reference), str(ids_path), str(theirs),
+                                  str(args.bits), str(args.group), str(args.threads)],
+                                 env={"GPTQMODEL_CPU_WORKERS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)})
+        print(json.dumps({"tool": "gptqmodel-7.6.0", "wall_s": round(g_wall, 1), "cpu_s": round(g_cpu, 1),
+                          "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
+                          **json.loads(out.strip().splitlines()[-1])}), flush=True)
+    paths = [branch] + ([theirs] if theirs.is_dir() else [])
+    figures = verify_ppl(reference, paths, args.threads, work / "verify.json")
+    for name, record in figures.items():
+        print(json.dumps({"artifact": name, **{k: record.get(k) for k in ("format", "size_bytes", "bpw", "ppl", "ppl_stderr", "delta_ppl_pct")}}))
+    print(f"work directory: {work}")
+
+
+def load(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from quantmill.quantize.gptq.dequant import dequantized_tensors, load_dequantized_model
+
+    branch = Path(args.branch)
+    work = Path(tempfile.mkdtemp(prefix="bench_gptq_load_"))
+    rng = np.random.Generator(np.random.PCG64(0))
+    vocab = json.loads((branch / "config.json").read_text())["vocab_size"]
+    ids = rng.integers(0, vocab, size=(2, 128)).astype(np.int64)
+    np.save(work / "ids.npy", ids)
+    torch.set_num_threads(2)
+    ours: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for dtype in ("float32", "float16"):
+            model = load_dequantized_model(branch, dtype=dtype)
+            ours[dtype] = model(input_ids=torch.from_numpy(ids)).logits.float().numpy()
+            del model
+    worst = 0.0
+    for how in args.loaders:
+        out, wall, _ = run([str(args.gptqmodel_python), "-c", GPTQMODEL_LOGITS, str(branch), str(work / "ids.npy"),
+                            str(work / f"{how}.npz"), how], env={"GPTQMODEL_CPU_WORKERS": "2"})
+        theirs = np.load(work / f"{how}.npz")
+        weights = dict(dequantized_tensors(branch))
+        weight_diff = max(float(np.abs(theirs[k] - weights[k[2:] + ".weight"].astype(np.float16).astype(np.float32)).max())
+                          for k in theirs.files if k.startswith("w:"))
+        rel = {dtype: float(np.linalg.norm(theirs[f"logits_{tag}"] - ours[dtype]) / np.linalg.norm(ours[dtype]))
+               for tag, dtype in (("fp16", "float16"), ("fp32", "float32"))}
+        top1 = float((theirs["logits_fp16"].argmax(-1) == ours["float32"].argmax(-1)).mean())
+        if how in STRICT_LOADERS:
+            worst = max(worst, rel["float32"])
+        print(json.dumps({"branch": branch.name, **json.loads(out.strip().splitlines()[-1]),
+                          "max_weight_diff_vs_quantmill_in_fp16": weight_diff,
+                          "rel_error_fp32_kernel_vs_quantmill_fp32": rel["float32"],
+                          "rel_error_fp16_kernel_vs_quantmill_fp16": rel["float16"],
+                          "top1_agreement_fp16_vs_fp32": top1, "wall_s": round(wall, 1)}), flush=True)
+    verdict = "PASS" if worst < 1e-3 else "FAIL"
+    print(f"{verdict}: GPTQModel's torch kernel (run in float32; loaders {', '.join(STRICT_LOADERS)}) vs quantmill's"
+          f" dequantized model, worst relative logit error {worst:.2e} (limit 1e-3)")
+    if verdict == "FAIL":
+        sys.exit(1)
+
+
+def memory(args: argparse.Namespace) -> None:
+    from bench_stats_memory import BUILDER  # the random-llama builder shared with the statistics benchmark
+
+    results: dict[int, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_gptq_mem_") as tmp:
+        for layers in args.layers:
+            model = Path(tmp) / f"random-{layers}"
+            run([sys.executable, "-c", BUILDER, str(model), str(layers), str(args.hidden), str(args.intermediate), str(args.vocab)])
+            out, wall, _ = run([sys.executable, "-c", MEMORY_WORKER, str(model), str(args.samples), str(args.seqlen),
+                                str(args.threads), args.branches])
+            row = {"layers": layers, "hidden": args.hidden, "intermediate": args.intermediate, "samples": args.samples,
+                   "seqlen": args.seqlen, "branches": args.branches, **json.loads(out), "wall_s": wall}
+            results[layers] = row
+            print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    lo, hi = min(results), max(results)
+    ratio = results[hi]["peak_rss_mb"] / results[lo]["peak_rss_mb"]
+    verdict = "PASS" if ratio <= 1 + args.tolerance else "FAIL"
+    print(f"{verdict}: peak RSS {hi} layers / {lo} layers = {ratio:.3f} (limit {1 + args.tolerance:.2f})")
+    if verdict == "FAIL":
+        sys.exit(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compare", help="SmolLM2: quantmill vs GPTQModel, wall time and perplexity")
+    c.add_argument("--bits", type=int, default=4)
+    c.add_argument("--group", type=int, default=64, help="group size; -1 for none")
+    c.add_argument("--samples", type=int, default=32)
+    c.add_argument("--seqlen", type=int, default=512)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--work", default=None, help="keep outputs here (default: a new temporary directory)")
+    c.add_argument("--skip-gptqmodel", action="store_true")
+    c.add_argument("--gptqmodel-python", type=Path, default=DEFAULT_GPTQMODEL_PYTHON)
+    c.set_defaults(func=compare)
+    lo = sub.add_parser("load", help="load a quantmill branch with transformers + GPTQModel; compare logits")
+    lo.add_argument("--branch", required=True)
+    lo.add_argument("--gptqmodel-python", type=Path, default=DEFAULT_GPTQMODEL_PYTHON)
+    lo.add_argument("--loaders", nargs="+", choices=LOADERS, default=list(LOADERS))
+    lo.set_defaults(func=load)
+    m = sub.add_parser("memory", help="peak RSS of the GPTQ engine: 32-layer vs 8-layer random llama")
+    m.add_argument("--layers", type=int, nargs="+", default=[8, 32])
+    m.add_argument("--hidden", type=int, default=576)
+    m.add_argument("--intermediate", type=int, default=1536)
+    m.add_argument("--vocab", type=int, default=49152)
+    m.add_argument("--samples", type=int, default=16)
+    m.add_argument("--seqlen", type=int, default=512)
+    m.add_argument("--threads", type=int, default=2)
+    m.add_argument("--branches", default="4bit-128g-actorder", help="comma-separated branch specs")
+    m.add_argument("--tolerance", type=float, default=0.10)
+    m.set_defaults(func=memory)
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

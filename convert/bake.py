@@ -1,0 +1,142 @@
+"""Bake a RoPE scaling method into a copy of a Hugging Face checkpoint.
+
+The copy holds the same tensors byte for byte (safetensors files are hard-linked
+where the file system allows, else copied) and a rewritten config.json; what was
+baked is recorded under ``"rope"`` in ``quantmill_bake.json`` (kept and extended
+if the source already has one). The output directory appears complete or not at all.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from quantmill.atomic import atomic_dir
+from quantmill.convert.rope import RopeBake, RopeBase, bake_rope_config, get_rope_method, parse_rope_factor
+from quantmill.errors import InputFileError, UnsupportedError, UserInputError
+
+BAKE_RECORD = "quantmill_bake.json"
+CONFIG = "config.json"
+DEFAULT_ROPE_THETA = 10000.0
+UNSCALED_TYPES = (None, "default")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputFileError(path, "missing", "pass a Hugging Face model directory (config.json and *.safetensors)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputFileError(path, f"cannot be read as JSON ({exc})", "fix or re-save the file") from exc
+    if not isinstance(data, dict):
+        raise InputFileError(path, "is not a JSON object", "fix the file")
+    return data
+
+
+def _positive_int(config: dict[str, Any], key: str, path: Path) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InputFileError(path, f"field {key!r} is {value!r}, expected a positive integer", "fix config.json")
+    return value
+
+
+def _current_rope(config: dict[str, Any]) -> dict[str, Any]:
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return rope if isinstance(rope, dict) else {}
+
+
+def rope_base_from_config(
+    config: dict[str, Any], path: Path, factor: float, original_context: int | None
+) -> RopeBase:
+    """The checkpoint's unscaled RoPE; refuses a config that is already scaled."""
+    rope = _current_rope(config)
+    rope_type = rope.get("rope_type", rope.get("type"))
+    if rope_type not in UNSCALED_TYPES:
+        raise UnsupportedError(
+            f"{path}: RoPE is already scaled (rope_type {rope_type!r}); bake from the unscaled checkpoint"
+        )
+    theta = rope.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 1:
+        raise InputFileError(path, f"rope_theta is {theta!r}, expected a number above 1", "fix config.json")
+    n_head = _positive_int(config, "num_attention_heads", path)
+    head_dim = config.get("head_dim") or _positive_int(config, "hidden_size", path) // n_head
+    rotary_dim = int(head_dim * float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))))
+    if original_context is None:
+        if "max_position_embeddings" not in config:
+            raise InputFileError(path, "has no max_position_embeddings", "pass --original-context N (the context the model was trained on)")
+        original_context = _positive_int(config, "max_position_embeddings", path)
+    elif isinstance(original_context, bool) or not isinstance(original_context, int) or original_context <= 0:
+        raise UserInputError(f"--original-context {original_context!r} must be a positive number of tokens")
+    return RopeBase(float(theta), rotary_dim, factor, original_context)
+
+
+def baked_config(config: dict[str, Any], bake: RopeBake) -> dict[str, Any]:
+    """config.json with the RoPE fields replaced (a top-level original_max_position_embeddings is dropped:
+    transformers would let it override the one in rope_parameters)."""
+    out = {k: v for k, v in config.items() if k != "original_max_position_embeddings"}
+    out.update(bake.config_updates())
+    return out
+
+
+def _copy_entry(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    elif src.suffix == ".safetensors":
+        try:
+            os.link(src, dst)  # same bytes, no copy; every writer here replaces files by rename
+        except OSError:
+            shutil.copy2(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def _dump(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def bake_rope(
+    model_dir: Path | str,
+    method: str,
+    factor: float | str,
+    out_dir: Path | str,
+    original_context: int | None = None,
+    *,
+    params: dict[str, float] | None = None,
+) -> Path:
+    """Copy the checkpoint in ``model_dir`` to ``out_dir`` with ``method`` RoPE scaling baked in."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    get_rope_method(method)  # unknown method: refuse before reading anything
+    scale = parse_rope_factor(factor)
+    if not model_dir.is_dir():
+        raise InputFileError(model_dir, "no such model directory", "pass the directory that holds config.json and the safetensors files")
+    src, dst = model_dir.resolve(), out_dir.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise UserInputError(f"--out {out_dir}: must not be the model directory, inside it or above it; choose another directory")
+    config_path = model_dir / CONFIG
+    config = _read_json(config_path)
+    base = rope_base_from_config(config, config_path, scale, original_context)
+    bake = bake_rope_config(method, base, params)
+    record_path = model_dir / BAKE_RECORD
+    record = _read_json(record_path) if record_path.exists() else {}
+    record["rope"] = {
+        "method": method,
+        "factor": scale,
+        "original_context": base.original_context,
+        "new_context": bake.max_position_embeddings,
+        "base_rope_theta": base.rope_theta,
+        "rotary_dim": base.rotary_dim,
+        "params": {k: v for k, v in bake.rope_parameters.items() if k in get_rope_method(method).defaults},
+        "config": bake.config_updates(),
+        "gguf_keys": bake.gguf_keys,
+        "gguf_tensors": list(bake.gguf_tensors),
+        "notes": list(bake.notes),
+    }
+    with atomic_dir(out_dir) as tmp:
+        for entry in sorted(model_dir.iterdir()):
+            if entry.name not in (CONFIG, BAKE_RECORD):
+                _copy_entry(entry, tmp / entry.name)
+        (tmp / CONFIG).write_text(_dump(baked_config(config, bake)), encoding="utf-8")
+        (tmp / BAKE_RECORD).write_text(_dump(record), encoding="utf-8")
+    return out_dir

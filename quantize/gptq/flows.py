@@ -1,0 +1,235 @@
+"""How one decoder layer is walked for GPTQ: where each group's inputs come from, what is recomputed.
+
+A flow calls ``quantize(names, hessians)`` once per true-sequential group, with XᵀX of the
+inputs of those linears over the branch's hidden states (linears fed the same tensor share one
+Hessian), and leaves the layer's outputs in ``hidden``. Two flows, chosen by ``flow_for``:
+
+* ``PreNormFlow`` (llama family, ``PRE_NORM_LAYOUTS``): the layer is
+  ``h' = h + attn(norm1(h))``, ``out = h' + mlp(norm2(h'))``, so nothing is computed twice:
+  q/k/v read ``norm1(h)``; o_proj's inputs are computed once with the quantized q/k/v and kept;
+  ``h'`` is then formed in place with the quantized o_proj; gate/up read ``norm2(h')``;
+  down_proj's inputs are computed once with the quantized gate/up (and kept when they fit
+  ``KEEP_BYTES``, else recomputed); the output is ``h' + down(...)``.
+* ``GenericFlow``: any decoder layer; per group the layer runs until that group's inputs have
+  been seen (the rest of the forward is skipped), then once more, whole, for its outputs.
+  Without true-sequential, one forward collects every group's inputs from the float layer.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from quantmill.quantize.gptq.hessian import BlockedHessian as Hessian
+    from quantmill.quantize.layerwise import LayerwiseRunner
+
+QuantizeGroup = Callable[[Sequence[str], dict[str, "Hessian"]], None]
+KEEP_BYTES = 2 << 30  # down_proj inputs kept between passes up to this size
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every input it waits for has been seen: the rest of the forward is skipped."""
+
+
+def _batches(hidden: torch.Tensor, runner: LayerwiseRunner) -> list[slice]:
+    return [slice(s, min(s + runner.batch_size, hidden.shape[0])) for s in range(0, hidden.shape[0], runner.batch_size)]
+
+
+def _new_hessian(width: int, device: torch.device) -> Hessian:
+    from quantmill.quantize.gptq.hessian import BlockedHessian
+
+    return BlockedHessian.create(width, device)
+
+
+def _add(hessian: Hessian, x: torch.Tensor) -> None:
+    hessian.add(x.reshape(-1, x.shape[-1]))
+
+
+class GenericFlow:
+    """Any decoder layer, through forward pre-hooks on its linears."""
+
+    def __init__(self, groups: tuple[tuple[str, ...], ...]) -> None:
+        self.groups = groups
+
+    def run(self, layer: nn.Module, hidden: torch.Tensor, runner: LayerwiseRunner, quantize: QuantizeGroup, true_sequential: bool) -> None:
+        if true_sequential:
+            for group in self.groups:
+                quantize(group, self.group_hessians(layer, group, hidden, runner))
+        else:
+            names = tuple(name for group in self.groups for name in group)
+            hessians = self.group_hessians(layer, names, hidden, runner)
+            for group in self.groups:
+                quantize(group, {name: hessians[name] for name in group})
+        self.advance(layer, hidden, runner)
+
+    @staticmethod
+    def group_hessians(layer: nn.Module, names: Sequence[str], hidden: torch.Tensor, runner: LayerwiseRunner) -> dict[str, Hessian]:
+        import torch
+
+        found: dict[str, Hessian] = {}
+        batch_inputs: list[tuple[torch.Tensor, Hessian]] = []
+        pending: set[str] = set()
+
+        def make_hook(name: str) -> Any:
+            def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+                x = args[0]
+                hessian = next((h for seen, h in batch_inputs if seen is x), None)
+                if hessian is None:
+                    hessian = found.get(name) or _new_hessian(x.shape[-1], x.device)
+                    _add(hessian, x)
+                    batch_inputs.append((x, hessian))
+                found.setdefault(name, hessian)
+                pending.discard(name)
+                if not pending:
+                    raise _StopForward
+
+            return hook
+
+        handles = [layer.get_submodule(name).register_forward_pre_hook(make_hook(name)) for name in names]
+        try:
+            with torch.inference_mode():
+                for rows in _batches(hidden, runner):
+                    batch = hidden[rows]
+                    batch_inputs.clear()
+                    pending.update(names)
+                    try:
+                        layer(batch, position_embeddings=runner.position_embeddings(batch.shape[0]))
+                    except _StopForward:
+                        continue
+                    raise RuntimeError(f"decoder layer never called {sorted(pending)}; this is a quantmill bug")
+        finally:
+            for handle in handles:
+                handle.remove()
+            batch_inputs.clear()
+        return found
+
+    @staticmethod
+    def advance(layer: nn.Module, hidden: torch.Tensor, runner: LayerwiseRunner) -> None:
+        import torch
+
+        with torch.inference_mode():
+            for rows in _batches(hidden, runner):
+                batch = hidden[rows]
+                out = layer(batch, position_embeddings=runner.position_embeddings(batch.shape[0]))
+                batch.copy_(out[0] if isinstance(out, tuple) else out)
+
+
+@dataclass(frozen=True)
+class PreNormLayout:
+    """Module names of a pre-norm residual decoder layer and its four true-sequential groups."""
+
+    attn_norm: str
+    attn: str
+    attn_out: str
+    mlp_norm: str
+    mlp: str
+    mlp_out: str
+    attn_in: tuple[str, ...]
+    mlp_in: tuple[str, ...]
+
+
+PRE_NORM_LAYOUTS: dict[str, PreNormLayout] = {
+    "llama": PreNormLayout(
+        attn_norm="input_layernorm", attn="self_attn", attn_out="self_attn.o_proj",
+        mlp_norm="post_attention_layernorm", mlp="mlp", mlp_out="mlp.down_proj",
+        attn_in=("self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"), mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+    ),
+}
+
+
+def _capture_input(target: nn.Module, call: Callable[[], Any]) -> torch.Tensor:
+    """The input ``target`` receives while ``call()`` runs; the rest of ``call`` is skipped."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        captured.append(args[0])
+        raise _StopForward
+
+    handle = target.register_forward_pre_hook(hook)
+    try:
+        call()
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError("a decoder sub-module never reached the linear it feeds; this is a quantmill bug")
+    return captured[0]
+
+
+class PreNormFlow:
+    """A pre-norm residual layer walked piece by piece (see the module docstring)."""
+
+    def __init__(self, layout: PreNormLayout) -> None:
+        self.layout = layout
+
+    def run(self, layer: nn.Module, hidden: torch.Tensor, runner: LayerwiseRunner, quantize: QuantizeGroup, true_sequential: bool) -> None:
+        import torch
+
+        if not true_sequential:
+            GenericFlow(self.groups()).run(layer, hidden, runner, quantize, true_sequential)
+            return
+        lay = self.layout
+        attn_norm, attn, attn_out = (layer.get_submodule(n) for n in (lay.attn_norm, lay.attn, lay.attn_out))
+        mlp_norm, mlp, mlp_out = (layer.get_submodule(n) for n in (lay.mlp_norm, lay.mlp, lay.mlp_out))
+        batches = _batches(hidden, runner)
+        with torch.inference_mode():
+            h_in = _new_hessian(hidden.shape[-1], hidden.device)
+            for rows in batches:
+                _add(h_in, attn_norm(hidden[rows]))
+        quantize(lay.attn_in, dict.fromkeys(lay.attn_in, h_in))
+        del h_in
+        with torch.inference_mode():
+            attn_inputs = [
+                _capture_input(attn_out, lambda r=rows: attn(
+                    hidden_states=attn_norm(hidden[r]), attention_mask=None,
+                    position_embeddings=runner.position_embeddings(r.stop - r.start)))
+                for rows in batches
+            ]
+            h_out = _new_hessian(attn_inputs[0].shape[-1], hidden.device)
+            for x in attn_inputs:
+                _add(h_out, x)
+        quantize((lay.attn_out,), {lay.attn_out: h_out})
+        del h_out
+        with torch.inference_mode():
+            for rows, x in zip(batches, attn_inputs, strict=True):
+                hidden[rows] += attn_out(x)  # h' = h + attn(norm1(h)), with the quantized o_proj
+            del attn_inputs
+            h_mlp = _new_hessian(hidden.shape[-1], hidden.device)
+            for rows in batches:
+                _add(h_mlp, mlp_norm(hidden[rows]))
+        quantize(lay.mlp_in, dict.fromkeys(lay.mlp_in, h_mlp))
+        del h_mlp
+        keep = hidden[..., :1].numel() * mlp_out.in_features * hidden.element_size() <= KEEP_BYTES
+        with torch.inference_mode():
+            kept: list[torch.Tensor] = []
+            h_down: Hessian | None = None
+            for rows in batches:
+                x = _capture_input(mlp_out, lambda r=rows: mlp(mlp_norm(hidden[r])))
+                h_down = h_down or _new_hessian(x.shape[-1], hidden.device)
+                _add(h_down, x)
+                if keep:
+                    kept.append(x)
+        assert h_down is not None
+        quantize((lay.mlp_out,), {lay.mlp_out: h_down})
+        del h_down
+        with torch.inference_mode():
+            for i, rows in enumerate(batches):
+                hidden[rows] += mlp_out(kept[i]) if keep else mlp(mlp_norm(hidden[rows]))
+
+    def groups(self) -> tuple[tuple[str, ...], ...]:
+        lay = self.layout
+        return (lay.attn_in, (lay.attn_out,), lay.mlp_in, (lay.mlp_out,))
+
+
+Flow = GenericFlow | PreNormFlow
+
+
+def flow_for(model_type: str, groups: tuple[tuple[str, ...], ...], fast: bool = True) -> Flow:
+    """The pre-norm flow where a layout is registered (and ``fast``), else the generic one."""
+    layout = PRE_NORM_LAYOUTS.get(model_type)
+    return PreNormFlow(layout) if fast and layout is not None else GenericFlow(groups)

@@ -1,0 +1,85 @@
+"""quantmill's GPTQ branches load in GPTQModel 7.6 (and transformers) and give quantmill's logits.
+
+GPTQModel is not a dependency of quantmill; it lives in its own virtualenv, found at
+``$QUANTMILL_GPTQMODEL_PYTHON`` or ``.cache/gptqmodel-venv/bin/python``, created with::
+
+    python3 -m venv .cache/gptqmodel-venv
+    .cache/gptqmodel-venv/bin/pip install torch==2.13.0 gptqmodel==7.6.0 optimum==2.3.0
+
+Without it the test is skipped with that reason.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quantmill.calib_data.loaders import CalibrationText
+from quantmill.calib_data.sampling import load_tokenize, sample_sequences
+from quantmill.quantize.gptq.branches import parse_branches
+from quantmill.quantize.gptq.dequant import load_dequantized_model
+from quantmill.quantize.gptq.engine import EngineOptions, quantize_branches
+
+ROOT = Path(__file__).resolve().parents[1]
+GPTQMODEL_PYTHON = Path(os.environ.get("QUANTMILL_GPTQMODEL_PYTHON", ROOT / ".cache" / "gptqmodel-venv" / "bin" / "python"))
+TEXT = (ROOT / "calib_data" / "corpora" / "calib_as_you_like_it.txt").read_text(encoding="utf-8")
+SPECS = ["4bit-32g-actorder", "3bit-32g", "8bit-none-actorder", "2bit-64g-actorder-asym"]
+
+# Loads every branch with GPTQModel's torch kernel (float16, the only CPU dtypes it accepts), then runs
+# the same kernels in float32 (dequantize + matmul) and saves the logits; the first branch also through
+# transformers' own GPTQ loader with the torch backend.
+WORKER = r"""
+import json, sys
+import numpy as np, torch
+from gptqmodel import BACKEND, GPTQModel
+from transformers import AutoModelForCausalLM, GPTQConfig
+ids = torch.from_numpy(np.load(sys.argv[1]).astype(np.int64))
+out = {}
+def logits(model, name):
+    quant = [m for m in model.modules() if hasattr(m, "qweight")]
+    torch.nn.Module.float(model)
+    for m in quant:
+        for reset in ("clear_weight_cache", "_stream_reset_cache"):
+            if hasattr(m, reset):
+                getattr(m, reset)()
+    with torch.no_grad():
+        np.save(name, model(input_ids=ids).logits.float().numpy())
+    return len(quant)
+for i, path in enumerate(sys.argv[2:]):
+    model = GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model
+    out[path] = {"gptqmodel": logits(model, path + "/gptqmodel_logits.npy")}
+    if i == 0:
+        bits = json.load(open(path + "/quantize_config.json"))["bits"]
+        model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float16,
+                                                     quantization_config=GPTQConfig(bits=bits, backend="torch"))
+        out[path]["transformers"] = logits(model, path + "/transformers_logits.npy")
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GPTQMODEL_PYTHON.is_file(), reason=f"GPTQModel venv not found at {GPTQMODEL_PYTHON} (see module docstring)")
+def test_gptqmodel_loads_quantmill_branches_with_identical_logits(make_tiny_llama, tmp_path: Path) -> None:
+    model_dir = make_tiny_llama("bpe", name="tiny", dtype="float16", num_hidden_layers=2, tie_word_embeddings=True)
+    calib = sample_sequences(CalibrationText("ayli", (TEXT,)), load_tokenize(model_dir), samples=4, seqlen=64, seed=1)
+    results = quantize_branches(model_dir, calib, parse_branches(SPECS), tmp_path / "out", EngineOptions(progress=False))
+    ids = np.random.Generator(np.random.PCG64(0)).integers(0, 49152, size=(2, 48))
+    np.save(tmp_path / "ids.npy", ids)
+    branches = [str(r.directory) for r in results]
+    done = subprocess.run([str(GPTQMODEL_PYTHON), "-c", WORKER, str(tmp_path / "ids.npy"), *branches], capture_output=True,
+                          text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}, timeout=1500, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    for path in branches:
+        with torch.no_grad():
+            ours = load_dequantized_model(Path(path))(input_ids=torch.from_numpy(ids)).logits.numpy()
+        for loader, modules in loaded[path].items():
+            assert modules == 14, (path, loader)  # every linear of both layers is a GPTQ module
+            theirs = np.load(Path(path) / f"{loader}_logits.npy")
+            rel = float(np.linalg.norm(theirs - ours) / np.linalg.norm(ours))
+            assert rel < 1e-3, (path, loader, rel)
