@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_LLAMA_CPP = "/tmp/dl/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp"
 RSS_LIMIT_MB = 1024.0
 # TinyLlama-1.1B's shape with SmolLM2's vocabulary: 1.17e9 parameters.
 RANDOM_1B = {
@@ -144,7 +143,7 @@ def write_random_llama(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/quantmill-bench"))
-    parser.add_argument("--llama-cpp", type=Path, default=Path(os.environ.get("QUANTMILL_LLAMA_CPP_DIR", DEFAULT_LLAMA_CPP)))
+    parser.add_argument("--llama-cpp", type=Path, default=None)
     parser.add_argument("--outtypes", default="f16,q8_0")
     parser.add_argument("--repeat", type=int, default=1, help="runs per converter; the fastest is reported")
     parser.add_argument("--skip-1b", action="store_true", help="only the SmolLM2 reference")
@@ -153,6 +152,9 @@ def main() -> None:
 
     from quantmill.default_model import default_reference
 
+    from quantmill.reference_tools import llama_cpp_source_dir
+
+    args.llama_cpp = args.llama_cpp or llama_cpp_source_dir()
     script = args.llama_cpp / "convert_hf_to_gguf.py"
     if not script.is_file():
         sys.exit(f"{script}: not found; pass --llama-cpp or set QUANTMILL_LLAMA_CPP_DIR")

@@ -128,11 +128,12 @@ def quantmill_cli() -> list[str]:
     return [sys.executable, "-m", "quantmill.cli"]
 
 
-def verify_ppl(reference: Path, paths: list[Path], threads: int, json_path: Path) -> dict[str, float]:
+def verify_ppl(reference: Path, paths: list[Path], threads: int, json_path: Path, max_chunks: int | None) -> dict[str, float]:
     from quantmill.calib_data.bundled import eval_file
 
+    limit = ["--max-chunks", str(max_chunks)] if max_chunks else []
     run([*quantmill_cli(), "verify", *map(str, paths), "--reference", str(reference), "--text", str(eval_file()),
-         "--threads", str(threads), "--json", str(json_path)])
+         "--threads", str(threads), "--json", str(json_path), *limit])
     report = json.loads(json_path.read_text())
     records = report["artifacts"] if isinstance(report, dict) and "artifacts" in report else report
     return {Path(r["path"]).name: r for r in records}
@@ -168,7 +169,7 @@ def compare(args: argparse.Namespace) -> None:
                           "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
                           **json.loads(out.strip().splitlines()[-1])}), flush=True)
     paths = [branch] + ([theirs] if theirs.is_dir() else [])
-    figures = verify_ppl(reference, paths, args.threads, work / "verify.json")
+    figures = verify_ppl(reference, paths, args.threads, work / "verify.json", args.max_chunks)
     for name, record in figures.items():
         print(json.dumps({"artifact": name, **{k: record.get(k) for k in ("format", "size_bytes", "bpw", "ppl", "ppl_stderr", "delta_ppl_pct")}}))
     print(f"work directory: {work}")
@@ -252,6 +253,7 @@ def main() -> None:
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--work", default=None, help="keep outputs here (default: a new temporary directory)")
     c.add_argument("--skip-gptqmodel", action="store_true")
+    c.add_argument("--max-chunks", type=int, default=None, help="evaluate only the first N chunks of the eval text")
     c.add_argument("--gptqmodel-python", type=Path, default=DEFAULT_GPTQMODEL_PYTHON)
     c.set_defaults(func=compare)
     lo = sub.add_parser("load", help="load a quantmill branch with transformers + GPTQModel; compare logits")

@@ -11,8 +11,7 @@ Default artifacts: an f16 GGUF made from the reference by quantmill's converter,
 bundled SmolLM2 Q4_1 GGUF. Build llama-perplexity from the llama-cpp-python sdist's
 vendored llama.cpp (benchmark only; quantmill does not use it):
 
-    cmake -S <sdist>/vendor/llama.cpp -B /tmp/lcpp-build -DLLAMA_CURL=OFF && \\
-        cmake --build /tmp/lcpp-build --target llama-perplexity -j2
+    bash scripts/llama_cpp_source.sh --build
     python benchmarks/bench_perplexity.py --threads 2                      # f16 + bundled Q4_1
     python benchmarks/bench_perplexity.py --gguf X-Q4_K_M.gguf --reference REF_DIR --repeat 2
 """
@@ -29,7 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_TOOL = "/tmp/lcpp-build/bin/llama-perplexity"
+from quantmill.reference_tools import llama_cpp_tool
+
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 
 _FINAL_RE = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--n-ctx", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="runs per tool and file; the fastest counts")
-    parser.add_argument("--llama-perplexity", type=Path, default=Path(DEFAULT_TOOL))
+    parser.add_argument("--llama-perplexity", type=Path, default=llama_cpp_tool("llama-perplexity"))
     parser.add_argument("--skip-torch", action="store_true", help="do not measure the reference in torch")
     args = parser.parse_args()
     if not args.llama_perplexity.is_file():

@@ -1,28 +1,34 @@
 #!/usr/bin/env bash
-# Fetch llama.cpp's source as vendored in the llama-cpp-python sdist (the version quantmill pins)
-# into .cache/llama.cpp, and with --build also build llama-perplexity, llama-quantize,
-# llama-imatrix and llama-gguf-split into .cache/llama.cpp-build/bin.
-# For reference comparisons and benchmarks only: quantmill never needs these at run time.
+# Fetch llama.cpp's source as vendored in the llama-cpp-python sdist that quantmill pins into
+# the cache ($QUANTMILL_CACHE, default ~/.cache/quantmill), and with --build also build
+# llama-perplexity, llama-quantize, llama-imatrix and llama-gguf-split next to it.
+# For parity tests and benchmarks only: quantmill never runs these at run time.
+# Prints the source directory (and, with --build, the tools' directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=0.3.36
-DEST=.cache/llama.cpp
+CACHE=${QUANTMILL_CACHE:-$HOME/.cache/quantmill}
+DEST=${QUANTMILL_LLAMA_CPP_DIR:-$CACHE/llama.cpp-$VERSION}
+BUILD=$CACHE/llama.cpp-$VERSION-build
 if [ ! -f "$DEST/convert_hf_to_gguf.py" ]; then
     tmp=$(mktemp -d)
     .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
         "llama-cpp-python==$VERSION" -d "$tmp"
     tar xzf "$tmp"/llama_cpp_python-$VERSION.tar.gz -C "$tmp"
-    mkdir -p .cache
+    mkdir -p "$(dirname "$DEST")"
     rm -rf "$DEST"
     mv "$tmp/llama_cpp_python-$VERSION/vendor/llama.cpp" "$DEST"
     rm -rf "$tmp"
 fi
+echo "$DEST"
 if [ "${1:-}" = "--build" ]; then
-    BUILD=.cache/llama.cpp-build
-    cmake -S "$DEST" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF > /dev/null
-    cmake --build "$BUILD" -j"$(nproc)" --target llama-perplexity llama-quantize llama-imatrix \
-        llama-gguf-split > /dev/null
+    tools="llama-perplexity llama-quantize llama-imatrix llama-gguf-split"
+    missing=0
+    for t in $tools; do [ -x "$BUILD/bin/$t" ] || missing=1; done
+    if [ "$missing" = 1 ]; then
+        cmake -S "$DEST" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+            -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF > "$CACHE/llama.cpp-build.log" 2>&1
+        cmake --build "$BUILD" -j"$(nproc)" --target $tools >> "$CACHE/llama.cpp-build.log" 2>&1
+    fi
     echo "$BUILD/bin"
 fi
-echo "$DEST"

@@ -5,8 +5,8 @@ types and shapes) and the metadata must agree key by key (keys naming the produc
 tool excepted: there are none today, so the whole files must be identical too).
 llama.cpp's script runs with the gguf-py of its own tree, as it must.
 
-Set QUANTMILL_LLAMA_CPP_DIR to a llama.cpp source tree (default: the one vendored in
-the llama-cpp-python 0.3.36 sdist).
+The llama.cpp tree is the one `scripts/llama_cpp_source.sh` fetches (vendored in the pinned
+llama-cpp-python sdist; `scripts/test.sh` runs it first), or QUANTMILL_LLAMA_CPP_DIR.
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 from quantmill.convert.hf_to_gguf import convert_hf_to_gguf
+from quantmill.reference_tools import llama_cpp_source_dir
 
-LLAMA_CPP_DIR = Path(os.environ.get("QUANTMILL_LLAMA_CPP_DIR", "/tmp/dl/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+LLAMA_CPP_DIR = llama_cpp_source_dir()
 SCRIPT = LLAMA_CPP_DIR / "convert_hf_to_gguf.py"
 TOOL_KEYS: frozenset[str] = frozenset()  # keys that name the producing tool (none are written)
 

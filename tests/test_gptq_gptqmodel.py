@@ -28,38 +28,43 @@ from quantmill.quantize.gptq.engine import EngineOptions, quantize_branches
 ROOT = Path(__file__).resolve().parents[1]
 GPTQMODEL_PYTHON = Path(os.environ.get("QUANTMILL_GPTQMODEL_PYTHON", ROOT / ".cache" / "gptqmodel-venv" / "bin" / "python"))
 TEXT = (ROOT / "calib_data" / "corpora" / "calib_as_you_like_it.txt").read_text(encoding="utf-8")
-SPECS = ["4bit-32g-actorder", "3bit-32g", "8bit-none-actorder", "2bit-64g-actorder-asym"]
 
-# Loads every branch with GPTQModel's torch kernel (float16, the only CPU dtypes it accepts), then runs
-# the same kernels in float32 (dequantize + matmul) and saves the logits; the first branch also through
-# transformers' own GPTQ loader with the torch backend.
+# Loads each branch with the loaders named after it (``PATH=gptqmodel,transformers``): GPTQModel's own
+# loader or transformers' GPTQ loader, both with GPTQModel's torch kernel, in float16 (the only CPU dtypes
+# that kernel accepts); then runs the same kernels in float32 (dequantize + matmul) and saves the logits.
 WORKER = r"""
 import json, sys
 import numpy as np, torch
 from gptqmodel import BACKEND, GPTQModel
 from transformers import AutoModelForCausalLM, GPTQConfig
 ids = torch.from_numpy(np.load(sys.argv[1]).astype(np.int64))
+def load(path, loader):
+    if loader == "gptqmodel":
+        return GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model
+    bits = json.load(open(path + "/quantize_config.json"))["bits"]
+    return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float16,
+                                                quantization_config=GPTQConfig(bits=bits, backend="torch"))
 out = {}
-def logits(model, name):
-    quant = [m for m in model.modules() if hasattr(m, "qweight")]
-    torch.nn.Module.float(model)
-    for m in quant:
-        for reset in ("clear_weight_cache", "_stream_reset_cache"):
-            if hasattr(m, reset):
-                getattr(m, reset)()
-    with torch.no_grad():
-        np.save(name, model(input_ids=ids).logits.float().numpy())
-    return len(quant)
-for i, path in enumerate(sys.argv[2:]):
-    model = GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model
-    out[path] = {"gptqmodel": logits(model, path + "/gptqmodel_logits.npy")}
-    if i == 0:
-        bits = json.load(open(path + "/quantize_config.json"))["bits"]
-        model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float16,
-                                                     quantization_config=GPTQConfig(bits=bits, backend="torch"))
-        out[path]["transformers"] = logits(model, path + "/transformers_logits.npy")
+for arg in sys.argv[2:]:
+    path, loaders = arg.split("=")
+    out[path] = {}
+    for loader in loaders.split(","):
+        model = load(path, loader)
+        quant = [m for m in model.modules() if hasattr(m, "qweight")]
+        torch.nn.Module.float(model)
+        for m in quant:
+            for reset in ("clear_weight_cache", "_stream_reset_cache"):
+                if hasattr(m, reset):
+                    getattr(m, reset)()
+        with torch.no_grad():
+            np.save(f"{path}/{loader}_logits.npy", model(input_ids=ids).logits.float().numpy())
+        out[path][loader] = len(quant)
 print(json.dumps(out))
 """
+# GPTQModel's own loader refuses every asymmetric v1 checkpoint not made by GPTQModel >= 0.9 (old AutoGPTQ
+# wrote broken ones); transformers' loader reads them.
+LOADERS = {"4bit-32g-actorder": "gptqmodel,transformers", "3bit-32g": "gptqmodel", "8bit-none-actorder": "gptqmodel",
+           "2bit-64g-actorder-asym": "transformers"}
 
 
 @pytest.mark.slow
@@ -67,17 +72,20 @@ print(json.dumps(out))
 def test_gptqmodel_loads_quantmill_branches_with_identical_logits(make_tiny_llama, tmp_path: Path) -> None:
     model_dir = make_tiny_llama("bpe", name="tiny", dtype="float16", num_hidden_layers=2, tie_word_embeddings=True)
     calib = sample_sequences(CalibrationText("ayli", (TEXT,)), load_tokenize(model_dir), samples=4, seqlen=64, seed=1)
-    results = quantize_branches(model_dir, calib, parse_branches(SPECS), tmp_path / "out", EngineOptions(progress=False))
+    results = quantize_branches(model_dir, calib, parse_branches(list(LOADERS)), tmp_path / "out", EngineOptions(progress=False))
     ids = np.random.Generator(np.random.PCG64(0)).integers(0, 49152, size=(2, 48))
     np.save(tmp_path / "ids.npy", ids)
     branches = [str(r.directory) for r in results]
-    done = subprocess.run([str(GPTQMODEL_PYTHON), "-c", WORKER, str(tmp_path / "ids.npy"), *branches], capture_output=True,
+    spec_of = {str(r.directory): r.spec.short for r in results}
+    args = [f"{path}={LOADERS[spec]}" for path, spec in spec_of.items()]
+    done = subprocess.run([str(GPTQMODEL_PYTHON), "-c", WORKER, str(tmp_path / "ids.npy"), *args], capture_output=True,
                           text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}, timeout=1500, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     for path in branches:
         with torch.no_grad():
             ours = load_dequantized_model(Path(path))(input_ids=torch.from_numpy(ids)).logits.numpy()
+        assert sorted(loaded[path]) == sorted(LOADERS[spec_of[path]].split(","))
         for loader, modules in loaded[path].items():
             assert modules == 14, (path, loader)  # every linear of both layers is a GPTQ module
             theirs = np.load(Path(path) / f"{loader}_logits.npy")

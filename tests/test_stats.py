@@ -4,7 +4,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -321,8 +320,9 @@ def test_smollm2_imatrix_enables_iq2_xs_in_libllama(tmp_path: Path, smollm2_f16:
 
 
 def _llama_tool(name: str) -> Path | None:
-    found = shutil.which(name)
-    candidate = Path(found) if found else Path("/tmp/lcpp-build/bin") / name
+    from quantmill.reference_tools import llama_cpp_tool
+
+    candidate = llama_cpp_tool(name)
     return candidate if candidate.is_file() else None
 
 
@@ -331,7 +331,7 @@ def test_imatrix_loads_in_llama_quantize(tmp_path: Path, smollm2_f16: tuple[Path
     """llama.cpp's own loader reads quantmill's file (skipped where the tool is not built)."""
     binary = _llama_tool("llama-quantize")
     if binary is None:
-        pytest.skip("llama-quantize is not built (benchmarks build it from the llama-cpp-python sdist)")
+        pytest.skip("llama-quantize is not built: run `bash scripts/llama_cpp_source.sh --build` (scripts/test.sh does)")
     reference, f16 = smollm2_f16
     imatrix_path = tmp_path / "imatrix.gguf"
     assert main(["calibrate", str(reference), "--calib-samples", "2", "--calib-seqlen", "64",
@@ -351,7 +351,7 @@ def test_matches_llama_imatrix_on_the_same_tokens(tmp_path: Path, smollm2_f16: t
     (to fp16-vs-fp32 rounding) values. Skipped where llama.cpp's tools are not built."""
     tool = _llama_tool("llama-imatrix")
     if tool is None:
-        pytest.skip("llama-imatrix is not built (benchmarks build it from the llama-cpp-python sdist)")
+        pytest.skip("llama-imatrix is not built: run `bash scripts/llama_cpp_source.sh --build` (scripts/test.sh does)")
     reference, f16 = smollm2_f16
     tokenize = load_tokenize(reference)
     eval_text = (Path(__file__).resolve().parents[1] / "calib_data" / "corpora" / "eval_text.txt").read_text(encoding="utf-8")

@@ -22,6 +22,8 @@ def _type_help() -> str:
               help="Output file [default: the input's name with its type suffix replaced, e.g. X-F16.gguf → X-Q4_K_M.gguf].")
 @click.option("--override-tensor", "overrides", multiple=True, metavar="REGEX=TYPE",
               help="Give tensors whose name matches REGEX the ggml type TYPE (e.g. 'ffn_down=Q6_K'); repeatable, first match wins.")
+@click.option("--imatrix", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Importance matrix GGUF (from `quantmill calibrate` or llama-imatrix); required by the IQ types.")
 @click.option("--threads", type=int, default=None, help="Quantization threads [default: all hardware threads].")
 @click.option("--allow-requantize", is_flag=True, default=False,
               help="Accept an input whose weights are already quantized (quality compounds the loss).")
@@ -30,6 +32,7 @@ def quantize_gguf(
     type_name: str,
     output: Path | None,
     overrides: tuple[str, ...],
+    imatrix: Path | None,
     threads: int | None,
     allow_requantize: bool,
 ) -> None:
@@ -44,6 +47,7 @@ def quantize_gguf(
         overrides=parse_overrides(overrides),
         threads=threads,
         allow_requantize=allow_requantize,
+        imatrix=imatrix,
         progress=sys.stderr.isatty(),
     )
     summary = result.summary

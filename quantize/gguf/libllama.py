@@ -206,15 +206,10 @@ def _check_request(
     allow_requantize: bool,
     imatrix: Mapping[str, np.ndarray] | None,
 ) -> None:
-    if imatrix is not None:
-        raise UnsupportedError(
-            "imatrix: importance matrices are not supported by this version of quantmill; "
-            "quantize without one"
-        )
-    if file_type.needs_imatrix:
-        raise UnsupportedError(
-            f"--type {file_type.name}: this type needs an importance matrix; choose a type that "
-            f"does not (e.g. Q4_K_M, IQ4_XS)"
+    if file_type.needs_imatrix and imatrix is None:
+        raise UserInputError(
+            f"--type {file_type.name}: this type needs an importance matrix; pass --imatrix FILE "
+            "(make one with `quantmill calibrate`) or choose a type that does not (e.g. Q4_K_M)"
         )
     if output.resolve() == source.resolve():
         raise UserInputError(f"{output}: output would overwrite the input; pass --out with another name")
@@ -224,7 +219,7 @@ def _check_request(
             "use a quantized type or drop the overrides"
         )
     for override in overrides:
-        if override.tensor_type in IMATRIX_TENSOR_TYPES:
+        if override.tensor_type in IMATRIX_TENSOR_TYPES and imatrix is None:
             raise UnsupportedError(
                 f"--override-tensor {override.pattern}={override.tensor_type.name}: this tensor type "
                 "needs an importance matrix; choose another type"
@@ -275,6 +270,24 @@ def _build_params(
     return params, table, keep_alive
 
 
+def _attach_imatrix(params: Any, imatrix_path: Path, source: Path) -> list[Any]:
+    """Point ``params`` at the imatrix means and its ``quantize.imatrix.*`` keys; return keepalives."""
+    from quantmill.quantize.gguf.imatrix import imatrix_means, read_imatrix
+    from quantmill.quantize.gguf.imatrix_data import (
+        check_imatrix_fits,
+        imatrix_kv_overrides,
+        imatrix_param_array,
+        kv_override_array,
+    )
+
+    imatrix = read_imatrix(imatrix_path)
+    rows = {t.name: int(t.shape[0]) for t in summarize_gguf(source).tensors if len(t.shape) >= 2}
+    check_imatrix_fits(imatrix_means(imatrix), rows, imatrix_path, source)
+    params.imatrix, keep = imatrix_param_array(imatrix)
+    params.kv_overrides, kv_keep = kv_override_array(imatrix_kv_overrides(imatrix, imatrix_path.name))
+    return [*keep, *kv_keep]
+
+
 def _parse_fallbacks(warnings: Sequence[str]) -> tuple[Fallback, ...]:
     text = "".join(warnings)
     found = {
@@ -302,7 +315,7 @@ def quantize_gguf(
     overrides: Sequence[TensorOverride] = (),
     threads: int | None = None,
     allow_requantize: bool = False,
-    imatrix: Mapping[str, np.ndarray] | None = None,
+    imatrix: str | Path | None = None,
     progress: bool = False,
 ) -> QuantizeResult:
     """Quantize the GGUF ``source`` to ``file_type`` with libllama; return what was written.
@@ -311,10 +324,9 @@ def quantize_gguf(
     regex another tensor type (first match wins, as in ``llama-quantize --tensor-type``).
     ``threads`` ≤ 0 or None lets libllama use every hardware thread.
 
-    ``imatrix`` is the hook for importance-matrix quantization: tensor name (``blk.0.ffn_down.weight``)
-    → float32 vector of the mean squared input activation per input column (Σx²/count; length =
-    the tensor's row length, times the expert count for MoE tensors). It is not implemented
-    yet: passing one raises UnsupportedError.
+    ``imatrix`` is an importance-matrix GGUF (``quantmill calibrate`` or ``llama-imatrix``): its
+    per-column means (Σx²/count) go to libllama, and its ``quantize.imatrix.*`` keys into the
+    output, as ``llama-quantize --imatrix`` does.
 
     ``progress`` shows a per-tensor progress bar on stderr.
     """
@@ -329,6 +341,8 @@ def quantize_gguf(
     from tqdm import tqdm
 
     params, _table, _keep = _build_params(spec, overrides, threads, allow_requantize)
+    if imatrix is not None:
+        _keep.extend(_attach_imatrix(params, Path(imatrix), source))
     started = time.perf_counter()
     with (
         tqdm(desc=f"quantize {spec.name}", unit="tensor", disable=not progress, leave=False) as bar,

@@ -170,12 +170,12 @@ def quantize_branches(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     runner = LayerwiseRunner(model_dir, calibration.token_ids, device=options.device, batch_tokens=options.batch_tokens,
                              progress=False)
-    ensure_writable_dir(out_dir)
     bound_heap_growth()
     results = [BranchResult(spec, out_dir / spec.name) for spec in branches]
     with ExitStack() as stack, torch.no_grad():
         ckpt = stack.enter_context(Checkpoint(model_dir))
         check_model(ckpt, runner)
+        ensure_writable_dir(out_dir)
         runs: list[_BranchRun] = []
         for result in results:
             writer = BranchWriter(stack.enter_context(atomic_dir(result.directory)), result.spec)
