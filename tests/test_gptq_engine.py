@@ -72,19 +72,36 @@ def reference_gptq(model_dir: Path, ids: np.ndarray, spec_text: str) -> dict[str
 
 
 def test_engine_matches_a_naive_whole_model_gptq(tiny: Path, calib: CalibrationSet, tmp_path: Path) -> None:
+    """Streaming, stacking, the pre-norm flow and the generic flow against a naive whole-model GPTQ.
+
+    Layer 0 sees identical inputs, so its weights must agree code for code (stacking q/k/v may move a
+    rare code by float rounding order). Deeper layers see inputs that already differ by such rare
+    codes, which can reorder act-order columns, so there the quantized models are compared by output.
+    """
+    from transformers import AutoModelForCausalLM
+
     spec = "4bit-32g-actorder"
     expected = reference_gptq(tiny, calib.token_ids, spec)
+    assert len(expected) == 3 * 7
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    ids = torch.from_numpy(calib.token_ids.astype(np.int64))
+    with torch.no_grad():
+        float_logits = model(ids).logits
+        model.load_state_dict(expected, strict=False)
+        naive_logits = model(ids).logits
+    naive_error = float((naive_logits - float_logits).norm() / float_logits.norm())
     for fast in (True, False):
         out = tmp_path / ("fast" if fast else "generic")
         quantize_branches(tiny, calib, parse_branches([spec]), out, EngineOptions(progress=False, fast_flow=fast))
-        got = dict(dequantized_tensors(out / "gptq-4bit-32g-actorder_True"))
-        assert len(expected) == 3 * 7
+        branch = out / "gptq-4bit-32g-actorder_True"
+        got = dict(dequantized_tensors(branch))
         for name, weight in expected.items():
-            diff = np.abs(got[name] - weight.numpy())
-            step = np.abs(weight.numpy()).max() / 7
-            # stacking q/k/v and gate/up may change float rounding order: rare codes one step apart
-            assert (diff > 1e-6).mean() < 0.01, name
-            assert diff.max() <= step * 1.01, name
+            if name.startswith("model.layers.0."):
+                assert (np.abs(got[name] - weight.numpy()) > 1e-6).mean() < 0.01, name
+        with torch.no_grad():
+            ours = load_dequantized_model(branch)(ids).logits
+        assert float((ours - naive_logits).norm() / naive_logits.norm()) < 0.1 * naive_error
+        assert float((ours - float_logits).norm() / float_logits.norm()) < 1.2 * naive_error
 
 
 def test_branches_configs_and_files(tiny: Path, calib: CalibrationSet, tmp_path: Path) -> None:
@@ -196,7 +213,7 @@ def test_unpackable_width_is_refused_before_any_output(make_tiny_llama, tmp_path
     calib = sample_sequences(CalibrationText("ayli", (TEXT,)), load_tokenize(model), samples=2, seqlen=32, seed=0)
     with pytest.raises(UnsupportedError, match="not a multiple of 32"):
         quantize_branches(model, calib, parse_branches(["4bit-32g"]), tmp_path / "out", QUIET)
-    assert not list((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()
 
 
 def test_failure_midway_leaves_no_branch_directory(tiny: Path, calib: CalibrationSet, tmp_path: Path, monkeypatch) -> None:
