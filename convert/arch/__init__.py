@@ -25,7 +25,7 @@ HParams = dict[str, Any]
 RowTransform = Callable[[HParams, tuple[int, ...]], np.ndarray]
 
 # Modules that register architectures; imported on first lookup.
-ARCH_MODULES: tuple[str, ...] = ("quantmill.convert.arch.llama",)
+ARCH_MODULES: tuple[str, ...] = ("quantmill.convert.arch.llama", "quantmill.convert.arch.falcon")
 
 
 class Architecture:

@@ -47,7 +47,8 @@ def _first(hp: HParams, keys: tuple[str, ...]) -> Any:
     return next((hp[k] for k in keys if k in hp), None)
 
 
-def _rope_parameters(config: dict[str, Any], known_to_transformers: bool) -> dict[str, Any]:
+def rope_parameters_from_config(config: dict[str, Any], known_to_transformers: bool) -> dict[str, Any]:
+    """``rope_parameters`` as transformers 5 reads them (legacy ``rope_scaling``/``rope_theta`` folded in)."""
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     if known_to_transformers:
         rope.setdefault("rope_type", rope.get("type", "default"))
@@ -131,12 +132,8 @@ class LlamaArchitecture(Architecture):
             hp["head_dim"] = hp["hidden_size"] // n_head
         if "vocab_size" not in hp:
             raise InputFileError(config_path, "field 'vocab_size' is missing", "add the embedding row count as vocab_size")
-        hp["rope_parameters"] = _rope_parameters(config, known)
-        rope_type = hp["rope_parameters"].get("rope_type")
-        if rope_type is not None and str(rope_type).lower() not in ROPE_WRITERS:
-            raise UnsupportedError(
-                f"{config_path}: RoPE type {rope_type!r} is not supported; supported: {', '.join(sorted(ROPE_WRITERS))}"
-            )
+        hp["rope_parameters"] = rope_parameters_from_config(config, known)
+        check_rope_type(hp["rope_parameters"], config_path)
         return hp
 
     def head_dim(self, hp: HParams) -> int:
@@ -160,11 +157,7 @@ class LlamaArchitecture(Architecture):
             writer.add_head_count_kv(hp["num_key_value_heads"])
         if hp.get("is_causal") is False:
             writer.add_causal_attention(False)
-        rope = hp["rope_parameters"]
-        if (rope_type := rope.get("rope_type")) is not None:
-            ROPE_WRITERS[str(rope_type).lower()](writer, rope)
-        if rope.get("rope_theta") is not None:
-            writer.add_rope_freq_base(rope["rope_theta"])
+        write_rope_keys(writer, hp["rope_parameters"])
         if (eps := _first(hp, ("rms_norm_eps", "norm_eps"))) is not None:
             writer.add_layer_norm_rms_eps(eps)
         if (eps := _first(hp, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
@@ -225,6 +218,22 @@ def _rope_yarn(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
 
 def _rope_longrope(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
     writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+
+
+def check_rope_type(rope: dict[str, Any], config_path: Path) -> None:
+    rope_type = rope.get("rope_type")
+    if rope_type is not None and str(rope_type).lower() not in ROPE_WRITERS:
+        raise UnsupportedError(
+            f"{config_path}: RoPE type {rope_type!r} is not supported; supported: {', '.join(sorted(ROPE_WRITERS))}"
+        )
+
+
+def write_rope_keys(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
+    """The ``rope.scaling.*`` keys of the method, then ``rope.freq_base`` (llama.cpp's key order)."""
+    if (rope_type := rope.get("rope_type")) is not None:
+        ROPE_WRITERS[str(rope_type).lower()](writer, rope)
+    if rope.get("rope_theta") is not None:
+        writer.add_rope_freq_base(rope["rope_theta"])
 
 
 ROPE_WRITERS = {
