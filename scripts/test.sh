@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: set up, fetch and build llama.cpp's reference
 # source and tools (the peers the parity tests compare against: convert_hf_to_gguf.py,
-# llama-quantize, llama-imatrix; cached, so only the first run builds), run pytest.
+# llama-quantize, llama-imatrix; cached, so only the first run builds), create the GPTQModel
+# peer venv (scripts/gptqmodel_venv.sh), run pytest.
 # Extra arguments go to pytest (e.g. `-m "not slow"` for the fast tests only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/llama_cpp_source.sh --build > /dev/null
+# GPTQModel 7.6, the GPTQ peer, in its own venv (tests/test_gptq_gptqmodel.py fails, not skips, when set)
+QUANTMILL_GPTQMODEL_PYTHON=${QUANTMILL_GPTQMODEL_PYTHON:-$(bash scripts/gptqmodel_venv.sh)}
+export QUANTMILL_GPTQMODEL_PYTHON
 exec .venv/bin/python -m pytest "$@"

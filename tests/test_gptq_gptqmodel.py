@@ -1,12 +1,10 @@
 """quantmill's GPTQ branches load in GPTQModel 7.6 (and transformers) and give quantmill's logits.
 
-GPTQModel is not a dependency of quantmill; it lives in its own virtualenv, found at
-``$QUANTMILL_GPTQMODEL_PYTHON`` or ``.cache/gptqmodel-venv/bin/python``, created with::
-
-    python3 -m venv .cache/gptqmodel-venv
-    .cache/gptqmodel-venv/bin/pip install torch==2.13.0 gptqmodel==7.6.0 optimum==2.3.0
-
-Without it the test is skipped with that reason.
+GPTQModel is not a dependency of quantmill; it lives in its own virtualenv, created (pinned,
+idempotent) by ``scripts/gptqmodel_venv.sh`` under ``~/.cache/quantmill/gptqmodel-venv``.
+``scripts/test.sh`` creates it and exports ``$QUANTMILL_GPTQMODEL_PYTHON``; when that variable
+is set the test runs (and fails if the interpreter is missing). Without the variable the test
+looks in the default place and is skipped, with that reason, when nothing is there.
 """
 from __future__ import annotations
 
@@ -26,7 +24,9 @@ from quantmill.quantize.gptq.dequant import load_dequantized_model
 from quantmill.quantize.gptq.engine import EngineOptions, quantize_branches
 
 ROOT = Path(__file__).resolve().parents[1]
-GPTQMODEL_PYTHON = Path(os.environ.get("QUANTMILL_GPTQMODEL_PYTHON", ROOT / ".cache" / "gptqmodel-venv" / "bin" / "python"))
+DEFAULT_GPTQMODEL_PYTHON = Path.home() / ".cache" / "quantmill" / "gptqmodel-venv" / "bin" / "python"
+REQUIRED = "QUANTMILL_GPTQMODEL_PYTHON" in os.environ  # set by scripts/test.sh: the peer must be there
+GPTQMODEL_PYTHON = Path(os.environ.get("QUANTMILL_GPTQMODEL_PYTHON", DEFAULT_GPTQMODEL_PYTHON))
 TEXT = (ROOT / "calib_data" / "corpora" / "calib_as_you_like_it.txt").read_text(encoding="utf-8")
 
 # Loads each branch with the loaders named after it (``PATH=gptqmodel,transformers``): GPTQModel's own
@@ -68,8 +68,10 @@ LOADERS = {"4bit-32g-actorder": "gptqmodel,transformers", "3bit-32g": "gptqmodel
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not GPTQMODEL_PYTHON.is_file(), reason=f"GPTQModel venv not found at {GPTQMODEL_PYTHON} (see module docstring)")
+@pytest.mark.skipif(not REQUIRED and not GPTQMODEL_PYTHON.is_file(),
+                    reason=f"GPTQModel venv not found at {GPTQMODEL_PYTHON} (bash scripts/gptqmodel_venv.sh creates it)")
 def test_gptqmodel_loads_quantmill_branches_with_identical_logits(make_tiny_llama, tmp_path: Path) -> None:
+    assert GPTQMODEL_PYTHON.is_file(), f"$QUANTMILL_GPTQMODEL_PYTHON={GPTQMODEL_PYTHON} does not exist"
     model_dir = make_tiny_llama("bpe", name="tiny", dtype="float16", num_hidden_layers=2, tie_word_embeddings=True)
     calib = sample_sequences(CalibrationText("ayli", (TEXT,)), load_tokenize(model_dir), samples=4, seqlen=64, seed=1)
     results = quantize_branches(model_dir, calib, parse_branches(list(LOADERS)), tmp_path / "out", EngineOptions(progress=False))
@@ -79,7 +81,9 @@ def test_gptqmodel_loads_quantmill_branches_with_identical_logits(make_tiny_llam
     spec_of = {str(r.directory): r.spec.short for r in results}
     args = [f"{path}={LOADERS[spec]}" for path, spec in spec_of.items()]
     done = subprocess.run([str(GPTQMODEL_PYTHON), "-c", WORKER, str(tmp_path / "ids.npy"), *args], capture_output=True,
-                          text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}, timeout=1500, check=False)
+                          text=True, timeout=1500, check=False,
+                          # eager kernels: the same arithmetic, without compiling every module with inductor first
+                          env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "TORCH_COMPILE_DISABLE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     for path in branches:
