@@ -5,7 +5,6 @@ truncated, a key of the wrong type) becomes one ``InputFileError`` naming the fi
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +29,6 @@ class GGUFTensorInfo:
     shape: tuple[int, ...]
     qtype: str
     n_bytes: int
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class GGUFFile:

@@ -3,8 +3,9 @@
 A tensor whose bytes pass through unchanged (same type, no row permutation) is copied
 file-to-file by the kernel (``copy_file_range``), never entering this process's
 memory. Any other tensor is cut into row chunks; each chunk is permuted, widened to
-float32 and cast or quantized with ``gguf.quants`` on a small thread pool (numpy
-releases the GIL), and the results are written strictly in order. Source pages are
+float32 and cast or quantized (ggml's own C quantizers where
+:mod:`quantmill.convert.ggml_quants` has them, else ``gguf.quants``) on a small thread pool
+(both release the GIL), and the results are written strictly in order. Source pages are
 dropped from memory as soon as their chunk is encoded, so the working set stays a
 few chunks large whatever the model size.
 """
@@ -20,6 +21,7 @@ from typing import IO
 import gguf
 import numpy as np
 
+from quantmill.convert import ggml_quants
 from quantmill.convert.safetensors_io import Checkpoint, TensorEntry, to_float32
 
 Q = gguf.GGMLQuantizationType
@@ -51,7 +53,7 @@ def encode_rows(rows: np.ndarray, dtype: str, qtype: Q) -> np.ndarray:
     """Stored rows (``dtype`` is the safetensors code) → GGUF bytes of ``qtype``, as llama.cpp computes them."""
     if (qtype, dtype) in ((Q.F16, "F16"), (Q.F32, "F32")):
         return np.ascontiguousarray(rows)
-    return gguf.quants.quantize(to_float32(rows, dtype), qtype)
+    return ggml_quants.quantize(to_float32(rows, dtype), qtype)
 
 
 @dataclass
@@ -66,7 +68,7 @@ class _Piece:
 def _pieces(ckpt: Checkpoint, t: PlannedTensor) -> Iterator[_Piece]:
     if t.data is not None:
         data = t.data
-        yield _Piece(encode=lambda: gguf.quants.quantize(data, t.qtype))
+        yield _Piece(encode=lambda: ggml_quants.quantize(data, t.qtype))
         return
     entry = t.entry
     assert entry is not None

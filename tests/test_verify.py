@@ -164,9 +164,11 @@ def test_cli_table_and_json(tiny_pair: tuple[Path, Path], eval_txt: Path, tmp_pa
                  "--n-ctx", str(N_CTX), "--threads", "2", "--batch-chunks", "3", "--max-chunks", "5", "--json", str(out)])
     assert code == 0
     stdout = capsys.readouterr().out
-    assert "| file | format |" in stdout and "reference (reference)" in stdout and "tiny-F32.gguf" in stdout
+    assert "| file | type |" in stdout and "reference (reference)" in stdout and "tiny-F32.gguf" in stdout
     report = json.loads(out.read_text())
     assert [p.name for p in out.parent.iterdir()] == ["verify.json"]
+    assert report["passed"] is True and report["artifacts"][1]["verdict"] == "pass"
+    assert report["artifacts"][1]["quant_type"] == "F32" and report["artifacts"][1]["kld_mean"] < 1e-3
     assert report["n_chunks"] == 5 and report["n_ctx"] == N_CTX
     records = report["artifacts"]
     assert [r["format"] for r in records] == ["hf", "gguf"], "the reference is measured once, first"

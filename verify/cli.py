@@ -15,6 +15,15 @@ import click
 @click.option("--n-ctx", type=int, default=512, show_default=True, help="Tokens per chunk; the second half of each is scored.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write the figures as JSON, one record per artifact.")
+@click.option("--report-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Write report.md, report.json and report.png (bpw vs KLD and Δppl) there.")
+@click.option("--reference-logprobs", "store", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Where the reference's log-probs are stored (llama-perplexity's --kl-divergence-base format); "
+                   "reused when it matches [default: a file in the cache keyed by reference and tokens].")
+@click.option("--thresholds", "thresholds_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help='JSON file of limits per quant type, e.g. {"Q4_K_M": {"kld_mean": 0.2, "top1": 0.8}}.')
+@click.option("--threshold", "threshold_options", multiple=True, metavar="TYPE:FIELD=VALUE",
+              help="Override one limit (fields: kld_mean, top1, delta_ppl_pct); repeatable.")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all this process may use].")
 @click.option("--batch-chunks", type=int, default=None,
               help="Chunks evaluated per model call [default: 2048 // n-ctx, as llama-perplexity's batch of 2048].")
@@ -25,31 +34,48 @@ def verify(
     text: Path,
     n_ctx: int,
     json_path: Path | None,
+    report_dir: Path | None,
+    store: Path | None,
+    thresholds_file: Path | None,
+    threshold_options: tuple[str, ...],
     threads: int | None,
     batch_chunks: int | None,
     max_chunks: int | None,
 ) -> None:
-    """Measure the perplexity of ARTIFACTS (GGUF files, HF checkpoints) and of the reference, on the same tokens."""
+    """Measure ARTIFACTS (GGUF files, GPTQ and HF checkpoints) against the fp16 reference on the same tokens.
+
+    Perplexity, mean and 99th-percentile KL divergence, top-1 agreement, and a verdict per artifact
+    against its quant type's thresholds. Exit code 1 when an artifact fails them, 2 on bad input.
+    """
     import sys
 
-    from quantmill.errors import UserInputError
+    from quantmill.atomic import ensure_writable_dir
+    from quantmill.errors import UserInputError, VerificationFailed
     from quantmill.verify.backends.base import BackendOptions
     from quantmill.verify.evaluate import verify_artifacts
-    from quantmill.verify.report import markdown_table, write_json_report
+    from quantmill.verify.report import markdown_table, write_json_report, write_report
+    from quantmill.verify.thresholds import load_thresholds
 
     if batch_chunks is not None and batch_chunks < 1:
         raise UserInputError(f"--batch-chunks {batch_chunks}: must be at least 1")
     if threads is not None and threads < 1:
         raise UserInputError(f"--threads {threads}: must be at least 1")
-    if json_path is not None:
-        from quantmill.atomic import ensure_writable_dir
-
-        ensure_writable_dir(json_path.resolve().parent)  # fail now, not after the evaluation
+    table = load_thresholds(thresholds_file, threshold_options)
+    for target in (json_path, store):
+        if target is not None:
+            ensure_writable_dir(target.resolve().parent)  # fail now, not after the evaluation
+    if report_dir is not None:
+        ensure_writable_dir(report_dir.resolve())
     options = BackendOptions(threads=threads, chunks_per_batch=batch_chunks)
-    result = verify_artifacts(
-        artifacts, reference_dir, text, n_ctx, options, max_chunks=max_chunks, progress=sys.stderr.isatty()
-    )
+    result = verify_artifacts(artifacts, reference_dir, text, n_ctx, options, max_chunks=max_chunks,
+                              progress=sys.stderr.isatty(), store=store, thresholds=table)
     click.echo(markdown_table(result))
     if json_path is not None:
         write_json_report(result, json_path)
         click.echo(f"wrote {json_path}")
+    if report_dir is not None:
+        for path in write_report(result, report_dir).values():
+            click.echo(f"wrote {path}")
+    if result.failed:
+        names = ", ".join(a.path.name for a in result.failed)
+        raise VerificationFailed(f"{len(result.failed)} of {len(result.artifacts)} artifacts fail their thresholds: {names}")

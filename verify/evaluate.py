@@ -1,21 +1,47 @@
-"""Evaluate artifacts on one token stream: the reference first, then each artifact in turn."""
+"""Evaluate artifacts on one token stream: the reference once (its log-probs stored), then each artifact.
+
+The reference's log-probabilities go to a store (:mod:`quantmill.verify.logprob_store`) keyed by
+the reference's content hash and the exact token ids; a later verify on the same reference and
+tokens reads the store and the reference's figures back instead of running the reference again.
+Every artifact then gets perplexity plus the comparison with the store (KL divergence, top-1
+agreement, Δp) and a verdict against its quant type's thresholds.
+"""
 from __future__ import annotations
 
+import json
 import math
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
+from quantmill.atomic import atomic_file
+from quantmill.errors import InputFileError
+from quantmill.hashing import sha256_tree
 from quantmill.verify.backends import detect_format, open_backend
 from quantmill.verify.backends.base import BackendOptions, ChunkLogProbs
-from quantmill.verify.metrics import DEFAULT_METRICS, MetricFactory, run_metrics
+from quantmill.verify.logprob_store import (
+    LogProbStore,
+    LogProbStoreWriter,
+    StoreKey,
+    StoreSink,
+    cached_store,
+    read_sidecar,
+    remove_store,
+    write_sidecar,
+)
+from quantmill.verify.metrics import DEFAULT_METRICS, MetricFactory, comparison_metrics, run_metrics
+from quantmill.verify.thresholds import DEFAULT_THRESHOLDS, Threshold, threshold_for
 from quantmill.verify.tokens import ChunkPlan, ReferenceTokenizer, load_reference_tokenizer, prepare_tokens
 
 
 @dataclass(frozen=True)
 class ArtifactResult:
-    """One artifact's figures. ``seconds`` covers evaluation only (not loading)."""
+    """One artifact's figures. ``seconds`` covers evaluation only (not loading).
+
+    ``failures`` lists the thresholds an artifact broke (empty: it passes); the reference has none.
+    """
 
     path: Path
     format: str
@@ -25,6 +51,9 @@ class ArtifactResult:
     seconds: float
     n_evaluated: int
     is_reference: bool = False
+    quant_type: str = ""
+    threshold: Threshold | None = None
+    failures: tuple[str, ...] = ()
 
     @property
     def ppl(self) -> float:
@@ -33,6 +62,10 @@ class ArtifactResult:
     @property
     def ppl_stderr(self) -> float:
         return self.metrics["ppl_stderr"]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
 
     @property
     def tokens_per_second(self) -> float:
@@ -47,14 +80,25 @@ class VerifyResult:
     text: Path
     n_ctx: int
     n_chunks: int
-    n_tokens: int
-    token_sha256: str
+    n_tokens: int  # tokens evaluated (n_chunks × n_ctx)
+    n_text_tokens: int  # tokens in the whole text
+    token_sha256: str  # of the evaluated tokens
     bos_id: int | None
+    store: Path | None = None
+    reference_reused: bool = False
     results: tuple[ArtifactResult, ...] = field(default_factory=tuple)
 
     @property
     def reference(self) -> ArtifactResult:
         return next(r for r in self.results if r.is_reference)
+
+    @property
+    def artifacts(self) -> tuple[ArtifactResult, ...]:
+        return tuple(r for r in self.results if not r.is_reference)
+
+    @property
+    def failed(self) -> tuple[ArtifactResult, ...]:
+        return tuple(r for r in self.artifacts if not r.passed)
 
     def delta_ppl_pct(self, result: ArtifactResult) -> float:
         """Perplexity change against the reference, in percent."""
@@ -68,6 +112,58 @@ def _progress(chunks: Iterator[ChunkLogProbs], total: int, label: str, enabled: 
         for chunk in chunks:
             yield chunk
             bar.update(1)
+
+
+def prefetched(chunks: Iterator[ChunkLogProbs], depth: int = 2) -> Iterator[ChunkLogProbs]:
+    """Run ``chunks`` in a worker thread, ``depth`` chunks ahead of the consumer.
+
+    The backend's next model call (libllama and torch release the GIL) then overlaps the metrics
+    of the chunk before it, as llama-perplexity overlaps its log-softmax workers with decoding.
+    Exceptions in the worker are re-raised here; closing this generator stops the worker.
+    """
+    import queue
+    import threading
+
+    items: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for chunk in chunks:
+                while not stop.is_set():
+                    try:
+                        items.put(("chunk", chunk), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    break
+            items.put(("end", None))
+        except BaseException as exc:  # handed to the consumer
+            items.put(("error", exc))
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    worker = threading.Thread(target=work, name="verify-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, payload = items.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise payload
+            yield payload
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                items.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        worker.join()
 
 
 def evaluate_artifact(
@@ -87,10 +183,90 @@ def evaluate_artifact(
     with open_backend(path, options, fmt) as backend:
         backend.check_vocabulary(plan, id_to_token)
         started = time.perf_counter()
-        figures = run_metrics(_progress(backend.iter_logprobs(plan), plan.n_chunks, path.name, progress), metrics)
+        chunks = prefetched(backend.iter_logprobs(plan))
+        figures = run_metrics(_progress(chunks, plan.n_chunks, path.name, progress), metrics)
         seconds = time.perf_counter() - started
         info = backend.info
-    return ArtifactResult(path, fmt, info.size_bytes, info.bpw, figures, seconds, plan.n_evaluated, is_reference)
+    return ArtifactResult(path, fmt, info.size_bytes, info.bpw, figures, seconds, plan.n_evaluated, is_reference,
+                          info.quant_type)
+
+
+def _reference_vocab_size(reference_dir: Path) -> int:
+    path = reference_dir / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config = config.get("text_config", config)
+        return int(config["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputFileError(path, f"has no readable vocab_size ({exc})", "pass the fp16 reference checkpoint") from exc
+
+
+def store_key(reference_dir: Path, plan: ChunkPlan) -> StoreKey:
+    """What the reference's stored log-probs depend on: its files and the exact tokens."""
+    return StoreKey(sha256_tree(reference_dir), plan.sha256, plan.n_ctx, plan.n_chunks, _reference_vocab_size(reference_dir))
+
+
+def default_store_path(key: StoreKey) -> Path:
+    """``$QUANTMILL_CACHE/reference-logprobs/<hash of the key>.bin``."""
+    import hashlib
+
+    from quantmill.default_model import default_cache_dir
+
+    digest = hashlib.sha256(json.dumps(key.__dict__, sort_keys=True).encode()).hexdigest()[:32]
+    return default_cache_dir() / "reference-logprobs" / f"{digest}.bin"
+
+
+def _result_record(result: ArtifactResult) -> dict[str, Any]:
+    return {"format": result.format, "size_bytes": result.size_bytes, "bpw": result.bpw, "metrics": result.metrics,
+            "seconds": result.seconds, "n_evaluated": result.n_evaluated, "quant_type": result.quant_type}
+
+
+def _reference_from_sidecar(reference_dir: Path, sidecar: Mapping[str, Any]) -> ArtifactResult:
+    record = sidecar["reference"]
+    return ArtifactResult(reference_dir, record["format"], record["size_bytes"], record["bpw"], dict(record["metrics"]),
+                          record["seconds"], record["n_evaluated"], True, record["quant_type"])
+
+
+def _reference_from_foreign_store(store_path: Path, plan: ChunkPlan) -> ArtifactResult:
+    """A store quantmill did not write (e.g. ``llama-perplexity --kl-divergence-base``): it must hold exactly
+    this evaluation's tokens; it is never overwritten. The base's perplexity comes from its stored rows."""
+    store = LogProbStore(store_path)
+    store.check_plan(plan)
+    chunks = (ChunkLogProbs(i, store.chunk(i)[0], plan.chunk_targets(i)) for i in range(plan.n_chunks))
+    size = store_path.stat().st_size
+    return ArtifactResult(store_path, "logprobs", size, math.nan, run_metrics(chunks), 0.0, plan.n_evaluated, True, "base")
+
+
+def measure_reference(
+    reference_dir: Path,
+    plan: ChunkPlan,
+    tokenizer: ReferenceTokenizer,
+    options: BackendOptions,
+    store_path: Path,
+    key: StoreKey,
+    *,
+    progress: bool = False,
+) -> tuple[ArtifactResult, bool]:
+    """The reference's figures and a finished store at ``store_path``; (result, reused from the store)."""
+    sidecar = cached_store(store_path, key)
+    if sidecar is not None:
+        return _reference_from_sidecar(reference_dir, sidecar), True
+    if store_path.is_file() and read_sidecar(store_path) is None:
+        return _reference_from_foreign_store(store_path, plan), True
+    remove_store(store_path)
+    with atomic_file(store_path) as tmp, tmp.open("wb") as fh:
+        writer = LogProbStoreWriter(fh, plan, key.n_vocab)
+        result = evaluate_artifact(reference_dir, plan, tokenizer, options, is_reference=True, progress=progress,
+                                   metrics=(*DEFAULT_METRICS, lambda: StoreSink(writer)))
+    write_sidecar(store_path, key, result.metrics, {"reference": _result_record(result), "reference_dir": str(reference_dir)})
+    return result, False
+
+
+def judge(result: ArtifactResult, reference: ArtifactResult, table: Mapping[str, Threshold]) -> ArtifactResult:
+    """``result`` with its threshold and the limits it breaks."""
+    threshold = threshold_for(result.quant_type, table)
+    figures = {**result.metrics, "delta_ppl_pct": 100.0 * (result.ppl / reference.ppl - 1.0)}
+    return replace(result, threshold=threshold, failures=tuple(threshold.failures(figures)))
 
 
 def verify_artifacts(
@@ -102,32 +278,43 @@ def verify_artifacts(
     *,
     max_chunks: int | None = None,
     progress: bool = False,
+    store: str | Path | None = None,
+    thresholds: Mapping[str, Threshold] = DEFAULT_THRESHOLDS,
 ) -> VerifyResult:
     """Tokenize ``text`` once with the reference tokenizer; measure the reference and every artifact.
 
-    The reference checkpoint (``reference_dir``) is always measured, first, whether or not it is
-    listed among ``artifacts``; duplicates are measured once.
+    The reference checkpoint (``reference_dir``) is measured first (or read back from its store),
+    whether or not it is listed among ``artifacts``; duplicates are measured once. ``store`` is
+    where the reference's log-probs live (default: the cache, keyed by reference and tokens).
     """
     reference_dir = Path(reference_dir)
     tokenizer = load_reference_tokenizer(reference_dir)
     plan = prepare_tokens(text, tokenizer, n_ctx, max_chunks)
     for path in artifacts:
         detect_format(Path(path))  # fail on a bad path before hours of work, not after
-    ordered: list[Path] = [reference_dir]
+    ordered: list[Path] = []
     for path in map(Path, artifacts):
-        if all(path.resolve() != seen.resolve() for seen in ordered):
+        if path.resolve() != reference_dir.resolve() and all(path.resolve() != seen.resolve() for seen in ordered):
             ordered.append(path)
-    results = tuple(
-        evaluate_artifact(path, plan, tokenizer, options, is_reference=(i == 0), progress=progress)
-        for i, path in enumerate(ordered)
-    )
+    key = store_key(reference_dir, plan)
+    store_path = Path(store) if store is not None else default_store_path(key)
+    reference, reused = measure_reference(reference_dir, plan, tokenizer, options, store_path, key, progress=progress)
+    logprobs = LogProbStore(store_path)
+    logprobs.check_plan(plan)
+    results = [reference]
+    for path in ordered:
+        measured = evaluate_artifact(path, plan, tokenizer, options, metrics=comparison_metrics(logprobs), progress=progress)
+        results.append(judge(measured, reference, thresholds))
     return VerifyResult(
         reference_dir=reference_dir,
         text=Path(text),
         n_ctx=n_ctx,
         n_chunks=plan.n_chunks,
-        n_tokens=int(plan.tokens.size),
+        n_tokens=plan.n_evaluated,
+        n_text_tokens=int(plan.tokens.size),
         token_sha256=plan.sha256,
         bos_id=plan.bos_id,
-        results=results,
+        store=store_path,
+        reference_reused=reused,
+        results=tuple(results),
     )

@@ -154,7 +154,8 @@ class ChunkPlan:
 
     @property
     def sha256(self) -> str:
-        return token_sha256(self.tokens)
+        """sha256 of the token ids evaluated (the chunks, not the dropped remainder)."""
+        return token_sha256(self.tokens[: self.n_evaluated])
 
     def chunk_input(self, index: int) -> np.ndarray:
         """The ``n_ctx`` token ids fed to the model for chunk ``index`` (BOS in front if added)."""

@@ -21,7 +21,6 @@ matching: the first pattern ``P`` (in file order) for which the regular expressi
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -225,14 +224,6 @@ def rank_and_alpha(config: Mapping[str, Any], module_key: str) -> tuple[int, flo
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     """PEFT's scale of B·A: alpha/r, or alpha/sqrt(r) for rank-stabilised LoRA."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def parse_adapter_spec(spec: str) -> tuple[Path, float]:

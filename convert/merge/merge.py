@@ -19,7 +19,8 @@ from quantmill import __version__
 from quantmill.atomic import atomic_dir
 from quantmill.convert.merge import bnb
 from quantmill.convert.merge.adapter import CONFIG_NAME as ADAPTER_CONFIG
-from quantmill.convert.merge.adapter import Adapter, load_adapter, sha256_of
+from quantmill.convert.merge.adapter import Adapter, load_adapter
+from quantmill.hashing import sha256_file
 from quantmill.convert.merge.lora import merged_weight
 from quantmill.convert.merge.plan import MergePlan, Replace, TensorPlan, build_plan
 from quantmill.convert.merge.writer import FLOAT_CODES, OutputTensor, encode_float, write_checkpoint
@@ -209,7 +210,7 @@ def _copy_files(base_dir: Path, tmp: Path, config: dict[str, Any], adapters: lis
 
 def _adapter_record(adapter: Adapter, plan: MergePlan, index: int) -> dict[str, Any]:
     replaced = sorted({tp.name for tp in plan.tensors.values() for s in tp.steps if isinstance(s, Replace) and s.adapter == index})
-    files = {p.name: sha256_of(p) for p in (adapter.path / ADAPTER_CONFIG, adapter.weights_file)}
+    files = {p.name: sha256_file(p) for p in (adapter.path / ADAPTER_CONFIG, adapter.weights_file)}
     return {
         "name": adapter.path.resolve().name,
         "weight": adapter.weight,
@@ -292,7 +293,7 @@ def merge_adapters(
             metadata = {
                 "format": 1,
                 "quantmill_version": __version__,
-                "base": {"name": base_dir.resolve().name, "config_sha256": sha256_of(base_dir / "config.json")},
+                "base": {"name": base_dir.resolve().name, "config_sha256": sha256_file(base_dir / "config.json")},
                 "adapters": [_adapter_record(a, plan, i) for i, a in enumerate(loaded)],
                 "semantics": "adapters applied in order; weight multiplies each adapter's LoRA scale; saved full tensors replace",
                 "dtype": out_dtype,

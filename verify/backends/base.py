@@ -58,6 +58,7 @@ class ArtifactInfo:
     size_bytes: int
     bpw: float
     n_vocab: int
+    quant_type: str = ""  # F16, Q4_K_M, GPTQ-4bit ...: the key of the verdict's threshold table
 
 
 @dataclass(frozen=True)

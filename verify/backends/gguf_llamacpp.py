@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from quantmill.errors import InputFileError, ToolError, UserInputError
-from quantmill.quantize.gguf.inspect import summarize_gguf
+from quantmill.quantize.gguf.inspect import GGUFSummary, summarize_gguf
 from quantmill.quantize.gguf.libllama import libllama_log
 from quantmill.verify.backends.base import (
     ArtifactInfo,
@@ -26,6 +26,17 @@ from quantmill.verify.backends.base import (
     vocabulary_mismatches,
 )
 from quantmill.verify.tokens import ChunkPlan
+
+def gguf_quant_type(summary: GGUFSummary) -> str:
+    """The name of a GGUF's ``general.file_type`` (Q4_K_M ...); without one, its commonest tensor type by bytes."""
+    from quantmill.quantize.gguf.types import FILE_TYPES
+
+    names = {row.ftype_value: name for name, row in FILE_TYPES.items()}
+    if summary.file_type in names:
+        return names[summary.file_type]
+    by_bytes = sorted(summary.by_type.items(), key=lambda item: (-item[1].n_bytes, item[0]))
+    return by_bytes[0][0] if by_bytes else "GGUF"
+
 
 FLASH_ATTN_AUTO = -1  # LLAMA_FLASH_ATTN_TYPE_AUTO
 DEFAULT_UBATCH = 512  # llama.cpp's default physical batch
@@ -51,7 +62,7 @@ class LlamaCppBackend:
             raise InputFileError(self.path, f"libllama cannot load it ({log.error_summary()})", "re-create the GGUF")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        self.info = ArtifactInfo(self.path, "gguf", summary.file_size, summary.bpw, n_vocab)
+        self.info = ArtifactInfo(self.path, "gguf", summary.file_size, summary.bpw, n_vocab, gguf_quant_type(summary))
 
     # ----------------------------------------------------------------- lifecycle
 

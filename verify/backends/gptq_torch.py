@@ -36,8 +36,8 @@ class GptqTorchBackend(TorchBackend):
         self.options = options
         self._torch = torch
         self._config = self._read_config()
-        read_gptq_config(self.path)
+        qconfig = read_gptq_config(self.path)
         size, bpw, _weights = gptq_size_figures(self.path)
         self._model = load_dequantized_model(self.path)
         n_vocab = int(self._model.get_output_embeddings().weight.shape[0])
-        self.info = ArtifactInfo(self.path, FORMAT, size, bpw, n_vocab)
+        self.info = ArtifactInfo(self.path, FORMAT, size, bpw, n_vocab, f"GPTQ-{qconfig['bits']}bit")

@@ -66,6 +66,13 @@ def _load_model(path: Path) -> Any:
             hf_logging.enable_progress_bar()
 
 
+def float_type_name(config: dict[str, Any], bpw: float) -> str:
+    """F32, F16 or BF16: config.json's dtype where it says, else from the bits per weight."""
+    declared = str(config.get("dtype", config.get("torch_dtype", ""))).lower()
+    names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+    return names.get(declared, "F32" if bpw > 24 else "F16")
+
+
 class TorchBackend:
     """An HF causal LM loaded in float32 on the CPU."""
 
@@ -82,7 +89,8 @@ class TorchBackend:
         self._model = _load_model(self.path)
         self._model.eval()
         n_vocab = int(self._model.get_output_embeddings().weight.shape[0])
-        self.info = ArtifactInfo(self.path, "hf", size, bits / elements if elements else 0.0, n_vocab)
+        bpw = bits / elements if elements else 0.0
+        self.info = ArtifactInfo(self.path, "hf", size, bpw, n_vocab, float_type_name(self._config, bpw))
 
     def _read_config(self) -> dict[str, Any]:
         path = self.path / "config.json"

@@ -1,0 +1,127 @@
+"""The parity verdict: per quant type, how far an artifact may drift from the fp16 reference.
+
+An artifact passes when its mean KL divergence, its top-1 agreement and its perplexity change
+are all within its type's row. The table is data; users override any cell (``--threshold
+Q4_K_M:kld_mean=0.2``) or the whole table (``--thresholds FILE.json``, the same shape as
+:data:`DEFAULT_THRESHOLDS`). A type without a row gets the ``*`` row.
+
+How the defaults were chosen: they are about three times what the quant type costs on
+SmolLM2-135M-Instruct (BENCHMARKS.md, "Verify: KL divergence"), a small model that suffers more
+from quantization than the 7B+ models these types are usually applied to. A healthy artifact
+passes with room to spare; a broken one (wrong tokenizer, swapped tensors, a bad imatrix, a
+GPTQ branch packed wrongly) fails by orders of magnitude.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from quantmill.errors import InputFileError, UserInputError
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Limits for one quant type (inclusive)."""
+
+    kld_mean: float  # maximum mean KL divergence (nats per token)
+    top1: float  # minimum top-1 agreement (fraction)
+    delta_ppl_pct: float  # maximum perplexity increase, percent
+
+    def failures(self, figures: Mapping[str, float]) -> list[str]:
+        """What the figures break, in words ('' for none); NaN and missing figures fail."""
+        checks = (
+            ("kld_mean", figures.get("kld_mean", math.nan), "<=", self.kld_mean),
+            ("top1", figures.get("top1_agreement", math.nan), ">=", self.top1),
+            ("delta_ppl_pct", figures.get("delta_ppl_pct", math.nan), "<=", self.delta_ppl_pct),
+        )
+        broken = []
+        for name, value, op, limit in checks:
+            ok = value <= limit if op == "<=" else value >= limit
+            if not (math.isfinite(value) and ok):
+                broken.append(f"{name} {value:.4g} (limit {op} {limit:g})")
+        return broken
+
+
+FIELDS = tuple(f.name for f in fields(Threshold))
+
+# quant type → limits. Types are GGUF file types, F16/BF16/F32 checkpoints, and GPTQ-<bits>bit.
+DEFAULT_THRESHOLDS: dict[str, Threshold] = {
+    "F32": Threshold(kld_mean=0.001, top1=0.99, delta_ppl_pct=0.5),
+    "F16": Threshold(kld_mean=0.001, top1=0.99, delta_ppl_pct=0.5),
+    "BF16": Threshold(kld_mean=0.005, top1=0.97, delta_ppl_pct=1.0),
+    "Q8_0": Threshold(kld_mean=0.005, top1=0.97, delta_ppl_pct=1.0),
+    "GPTQ-8bit": Threshold(kld_mean=0.005, top1=0.97, delta_ppl_pct=1.0),
+    "Q6_K": Threshold(kld_mean=0.03, top1=0.92, delta_ppl_pct=3.0),
+    "Q5_K_M": Threshold(kld_mean=0.06, top1=0.90, delta_ppl_pct=6.0),
+    "Q5_K_S": Threshold(kld_mean=0.06, top1=0.90, delta_ppl_pct=6.0),
+    "Q5_1": Threshold(kld_mean=0.06, top1=0.90, delta_ppl_pct=6.0),
+    "Q5_0": Threshold(kld_mean=0.06, top1=0.90, delta_ppl_pct=6.0),
+    "Q4_K_M": Threshold(kld_mean=0.15, top1=0.85, delta_ppl_pct=15.0),
+    "Q4_K_S": Threshold(kld_mean=0.15, top1=0.85, delta_ppl_pct=15.0),
+    "Q4_1": Threshold(kld_mean=0.15, top1=0.85, delta_ppl_pct=15.0),
+    "Q4_0": Threshold(kld_mean=0.15, top1=0.85, delta_ppl_pct=15.0),
+    "IQ4_XS": Threshold(kld_mean=0.15, top1=0.85, delta_ppl_pct=15.0),
+    "IQ4_NL": Threshold(kld_mean=0.15, top1=0.85, delta_ppl_pct=15.0),
+    "GPTQ-4bit": Threshold(kld_mean=0.15, top1=0.85, delta_ppl_pct=15.0),
+    "Q3_K_L": Threshold(kld_mean=0.5, top1=0.75, delta_ppl_pct=50.0),
+    "Q3_K_M": Threshold(kld_mean=0.5, top1=0.75, delta_ppl_pct=50.0),
+    "Q3_K_S": Threshold(kld_mean=0.5, top1=0.75, delta_ppl_pct=50.0),
+    "GPTQ-3bit": Threshold(kld_mean=0.5, top1=0.75, delta_ppl_pct=50.0),
+    "Q2_K": Threshold(kld_mean=1.5, top1=0.55, delta_ppl_pct=200.0),
+    "GPTQ-2bit": Threshold(kld_mean=1.5, top1=0.55, delta_ppl_pct=200.0),
+    "*": Threshold(kld_mean=1.5, top1=0.55, delta_ppl_pct=200.0),
+}
+
+
+def threshold_for(quant_type: str, table: Mapping[str, Threshold]) -> Threshold:
+    """The row of ``quant_type``, else the ``*`` row."""
+    return table.get(quant_type) or table["*"]
+
+
+def _number(value: Any, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{where}: {value!r} is not a number; give a decimal such as 0.05") from None
+    if not math.isfinite(number) or number < 0:
+        raise UserInputError(f"{where}: {value!r} must be a finite number ≥ 0")
+    return number
+
+
+def _apply(table: dict[str, Threshold], quant_type: str, cells: Mapping[str, Any], where: str) -> None:
+    unknown = sorted(set(cells) - set(FIELDS))
+    if unknown:
+        raise UserInputError(f"{where}: unknown field {unknown[0]!r}; use {', '.join(FIELDS)}")
+    base = table.get(quant_type) or table["*"]
+    table[quant_type] = replace(base, **{k: _number(v, f"{where} {k}") for k, v in cells.items()})
+
+
+def parse_threshold_option(option: str) -> tuple[str, dict[str, str]]:
+    """``TYPE:field=value[,field=value…]`` → (type, {field: value})."""
+    quant_type, sep, rest = option.partition(":")
+    pairs = [p for p in rest.split(",") if p.strip()]
+    if not sep or not quant_type.strip() or not pairs or any("=" not in p for p in pairs):
+        raise UserInputError(f"--threshold {option!r}: write TYPE:FIELD=VALUE[,FIELD=VALUE], e.g. Q4_K_M:kld_mean=0.2")
+    return quant_type.strip().upper(), {k.strip(): v.strip() for k, v in (p.split("=", 1) for p in pairs)}
+
+
+def load_thresholds(path: Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Threshold]:
+    """The default table, then a JSON file's rows, then ``--threshold`` options, in that order."""
+    table = dict(DEFAULT_THRESHOLDS)
+    if path is not None:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputFileError(path, f"cannot be read as JSON ({exc})", 'write {"Q4_K_M": {"kld_mean": 0.2}, ...}') from exc
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise InputFileError(path, "must map quant types to objects of limits", 'write {"Q4_K_M": {"kld_mean": 0.2}}')
+        for quant_type, cells in sorted(data.items()):
+            _apply(table, str(quant_type).upper(), cells, f"{path}: {quant_type}")
+    for option in overrides:
+        quant_type, cells = parse_threshold_option(option)
+        _apply(table, quant_type, cells, f"--threshold {option!r}")
+    return table
