@@ -26,6 +26,9 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("convert",), "quantmill.convert.merge.cli", "lora_to_gguf"),
     (("quantize",), "quantmill.quantize.gptq.cli", "quantize_gptq"),
     ((), "quantmill.convert.bake_cli", "bake"),
+    ((), "quantmill.pipeline.cli", "init"),
+    ((), "quantmill.pipeline.cli", "run"),
+    ((), "quantmill.pipeline.cli", "reproduce"),
 )
 
 GROUP_HELP = {

@@ -1,0 +1,229 @@
+"""Model cards (README.md) for a release's GPTQ repository and GGUF repository.
+
+Everything in a card's tables is read from the finished artifacts (quantize_config.json and file
+sizes of each GPTQ branch, the GGUF files' headers) and from the verify report, never from the
+recipe's intentions. Hub metadata goes into the YAML front matter.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+GPTQ_DIR = "gptq"
+GGUF_DIR = "gguf"
+README = "README.md"
+PLOT = "parity.png"
+RAM_CONTEXT_TOKENS = 2048
+RAM_OVERHEAD_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class GptqBranchInfo:
+    name: str  # release name, e.g. gptq-4bit-128g-actorder_True
+    bits: int
+    group_size: int
+    desc_act: bool
+    damp_percent: float
+    dataset: str
+    seqlen: int
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class GgufFileInfo:
+    file: str
+    type_name: str
+    bpw: float
+    size_bytes: int
+    max_ram_bytes: int
+    description: str
+
+
+@dataclass(frozen=True)
+class CardSettings:
+    name: str
+    creator: str
+    base_model: str | None
+    quantized_by: str
+    license: str
+    prompt_template: str
+    tags: tuple[str, ...]
+
+    @classmethod
+    def from_recipe(cls, recipe: dict[str, Any], release_name: str) -> CardSettings:
+        card = recipe["card"]
+        return cls(card.get("name") or release_name, card["creator"], card.get("base_model"), card["quantized_by"],
+                   card["license"], card["prompt_template"], tuple(card.get("tags", [])))
+
+
+def read_gptq_branch(directory: Path) -> GptqBranchInfo:
+    qconfig = json.loads((directory / "quantize_config.json").read_text(encoding="utf-8"))
+    calibration = qconfig.get("meta", {}).get("calibration", {})
+    size = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+    return GptqBranchInfo(directory.name, int(qconfig["bits"]), int(qconfig["group_size"]), bool(qconfig["desc_act"]),
+                          float(qconfig["damp_percent"]), str(calibration.get("source", "unknown")),
+                          int(calibration.get("seqlen", 0)), size)
+
+
+def kv_cache_bytes(model: dict[str, Any]) -> int:
+    """f16 K and V for RAM_CONTEXT_TOKENS tokens, from the manifest's model record."""
+    return 2 * model["n_layers"] * model["n_kv_heads"] * model["head_dim"] * RAM_CONTEXT_TOKENS * 2
+
+
+def model_record(config: dict[str, Any]) -> dict[str, Any]:
+    """What a card needs of the model's config.json (hyperparameters for the RAM estimate)."""
+    heads = int(config.get("num_attention_heads", 1))
+    width = int(config.get("hidden_size", 0))
+    return {"model_type": config.get("model_type"), "n_layers": int(config.get("num_hidden_layers", 0)),
+            "n_kv_heads": int(config.get("num_key_value_heads", heads)),
+            "head_dim": int(config.get("head_dim") or width // max(heads, 1)), "hidden_size": width}
+
+
+def read_gguf_file(path: Path, model: dict[str, Any], report: dict[str, Any] | None) -> GgufFileInfo:
+    """Figures of one GGUF file: bpw as verify measured it (read from the file when not verified)."""
+    from quantmill.quantize.gguf.types import FILE_TYPES
+
+    type_name = path.stem.rsplit("-", 1)[-1].upper()
+    measured = _verdicts(report).get(type_name)
+    if measured is not None:
+        bpw = float(measured["bpw"])
+    else:
+        from quantmill.quantize.gguf.inspect import summarize_gguf
+
+        bpw = summarize_gguf(path).bpw
+    size = path.stat().st_size
+    row = FILE_TYPES.get(type_name)
+    return GgufFileInfo(path.name, type_name, bpw, size, size + kv_cache_bytes(model) + RAM_OVERHEAD_BYTES,
+                        row.description if row else "")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def front_matter(settings: CardSettings, kind: str) -> str:
+    meta: dict[str, Any] = {}
+    if settings.base_model:
+        meta["base_model"] = settings.base_model
+        meta["base_model_relation"] = "quantized"
+    meta |= {
+        "inference": False,
+        "license": settings.license,
+        "model_creator": settings.creator,
+        "model_name": settings.name,
+        "prompt_template": settings.prompt_template,
+        "quantized_by": settings.quantized_by,
+        "tags": [kind.lower(), "quantmill", *settings.tags],
+    }
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
+
+
+def _verdicts(report: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    return {a["name"]: a for a in (report or {}).get("artifacts", [])}
+
+
+def _measured(name: str, report: dict[str, Any] | None) -> str:
+    art = _verdicts(report).get(name)
+    if art is None:
+        return "not verified"
+    delta = art["metrics"].get("delta_ppl_pct")
+    text = f"Δppl {delta:+.2f}%" if delta is not None else "Δppl n/a"
+    return text + (", passed" if art.get("passed") else ", FAILED verification")
+
+
+def _parity(report: dict[str, Any] | None, names: list[str]) -> str:
+    from quantmill.pipeline.verify_stage import parity_markdown
+
+    if report is None:
+        return "No verification was run for this release."
+    keep = {"reference", *names}
+    shown = {**report, "artifacts": [a for a in report["artifacts"] if a["name"] in keep]}
+    return parity_markdown(shown) + f"\n\n![Parity with the fp16 reference]({PLOT})"
+
+
+def _prompt(settings: CardSettings) -> str:
+    return f"## Prompt template\n\n```\n{settings.prompt_template}\n```\n"
+
+
+def gptq_card(settings: CardSettings, branches: list[GptqBranchInfo], published: dict[str, str],
+              report: dict[str, Any] | None, repo_id: str, this_branch: str) -> str:
+    """README.md of a GPTQ repository; ``published`` maps release names to the branch each is pushed to."""
+    rows = ["| Branch | Bits | GS | Act Order | Damp % | GPTQ Dataset | Seq Len | Size | ExLlama | Desc |",
+            "| ------ | ---- | -- | --------- | ------ | ------------ | ------- | ---- | ------- | ---- |"]
+    for b in branches:
+        group = "None" if b.group_size == -1 else str(b.group_size)
+        desc = (f"{b.bits}-bit, {'with' if b.desc_act else 'without'} Act Order, "
+                f"{'no grouping' if b.group_size == -1 else f'group size {b.group_size}g'}; {_measured(b.name, report)}")
+        rows.append(f"| [{published[b.name]}](https://huggingface.co/{repo_id}/tree/{published[b.name]}) | {b.bits} | {group} "
+                    f"| {'Yes' if b.desc_act else 'No'} | {b.damp_percent:g} | {b.dataset} | {b.seqlen} | {_size(b.size_bytes)} "
+                    f"| {'Yes' if b.bits == 4 else 'No'} | {desc} |")
+    example = next((published[b.name] for b in branches if published[b.name] != "main"), this_branch)
+    return "\n".join([
+        front_matter(settings, "GPTQ"),
+        f"# {settings.name} — GPTQ",
+        "",
+        f"GPTQ quantizations of [{settings.name}](https://huggingface.co/{settings.base_model})"
+        if settings.base_model else f"GPTQ quantizations of {settings.name}",
+        f"by {settings.creator}, made and verified with quantmill. This branch: `{this_branch}`.",
+        "",
+        "## Provided files",
+        "",
+        "Each variant is a separate branch (sizes and settings read from the files themselves).",
+        "",
+        *rows,
+        "",
+        "## How to download a branch",
+        "",
+        "```bash",
+        f"git clone --single-branch --branch {example} https://huggingface.co/{repo_id}",
+        f"huggingface-cli download {repo_id} --revision {example} --local-dir {settings.name}-GPTQ",
+        "```",
+        "",
+        "In Python: `AutoModelForCausalLM.from_pretrained(\"%s\", revision=\"%s\")`." % (repo_id, example),
+        "",
+        _prompt(settings),
+        "## Parity with the fp16 reference",
+        "",
+        _parity(report, [b.name for b in branches]),
+        "",
+    ])
+
+
+def gguf_card(settings: CardSettings, files: list[GgufFileInfo], report: dict[str, Any] | None, repo_id: str) -> str:
+    """README.md of a GGUF repository (every file on main)."""
+    rows = ["| Name | Quant method | Bits | Size | Max RAM required | Use case |",
+            "| ---- | ------------ | ---- | ---- | ---------------- | -------- |"]
+    for f in files:
+        rows.append(f"| [{f.file}](https://huggingface.co/{repo_id}/blob/main/{f.file}) | {f.type_name} | {f.bpw:.2f} "
+                    f"| {_size(f.size_bytes)} | {_size(f.max_ram_bytes)} | {f.description}; {_measured(f.type_name, report)} |")
+    example = files[-1].file if files else f"{settings.name}-Q4_K_M.gguf"
+    return "\n".join([
+        front_matter(settings, "GGUF"),
+        f"# {settings.name} — GGUF",
+        "",
+        f"GGUF files of {settings.name} by {settings.creator} for llama.cpp, made with quantmill "
+        "(quantized by libllama, with an importance matrix from the calibration set where the recipe asks).",
+        "",
+        "## Provided files",
+        "",
+        "Bits are the measured bits per weight of the tensor data. Max RAM: file size plus an f16 KV cache "
+        f"of {RAM_CONTEXT_TOKENS} tokens plus {RAM_OVERHEAD_BYTES // 2**20} MiB, without GPU offload.",
+        "",
+        *rows,
+        "",
+        "## How to download a file",
+        "",
+        "```bash",
+        f"huggingface-cli download {repo_id} {example} --local-dir .",
+        "```",
+        "",
+        _prompt(settings),
+        "## Parity with the fp16 reference",
+        "",
+        _parity(report, [f.type_name for f in files]),
+        "",
+    ])

@@ -1,0 +1,1 @@
+"""The release pipeline: plan a recipe as a DAG of keyed stages, run it resumably, export and publish."""

@@ -1,0 +1,197 @@
+"""What each stage kind does: one function per kind, registered by name, over the stage libraries.
+
+A stage function gets a :class:`StageContext` (its node, an empty temporary output directory, the
+finished directories of the stages it reads) and writes its files into ``ctx.out``; the runner
+renames the directory into place when the function returns. Model-producing stages write the
+checkpoint into ``ctx.out / <release name>`` so that converters name GGUF files after the model.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantmill.errors import InputFileError
+from quantmill.pipeline.plan import Node, Plan, model_files
+from quantmill.recipe import BundledSource, HubSource, LocalSource
+
+LOG = logging.getLogger("quantmill.pipeline")
+CALIBRATION_NAME = "calibration"
+IMATRIX_NAME = "imatrix.gguf"
+
+
+@dataclass(frozen=True)
+class StageContext:
+    node: Node
+    plan: Plan
+    out: Path
+    inputs: dict[str, Path]  # dependency stage name -> its finished directory
+    progress: bool
+
+    @property
+    def threads(self) -> int:
+        return self.plan.recipe.recipe.threads
+
+    @property
+    def model_dir(self) -> Path:
+        """The checkpoint made by the last model stage (source / merge / bake)."""
+        return self.inputs[self.plan.model_stage] / self.plan.release_name
+
+    def input_dir(self, name: str) -> Path:
+        return self.inputs[name]
+
+
+StageFunction = Callable[[StageContext], None]
+STAGES: dict[str, StageFunction] = {}
+
+
+def stage(kind: str) -> Callable[[StageFunction], StageFunction]:
+    def register(function: StageFunction) -> StageFunction:
+        STAGES[kind] = function
+        return function
+
+    return register
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows it (no extra disk), else a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _copy_model(src: Path, dst: Path) -> None:
+    files = model_files(src)
+    if not any(f.suffix == ".safetensors" for f in files):
+        raise InputFileError(src, "has no .safetensors weights", "convert the checkpoint to safetensors (pickles are not loaded)")
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in files:  # copied, not linked: a later edit of the source must not change a finished stage
+        shutil.copyfile(path, dst / path.name)
+
+
+def _hub_snapshot(source: HubSource) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source.id, revision=source.revision,
+                                      allow_patterns=["*.safetensors", "*.json", "tokenizer.model", "*.txt"]))
+    except Exception as exc:  # huggingface_hub raises many types (offline, not found, gated)
+        raise InputFileError(f"hub:{source.id}@{source.revision}", f"cannot be read ({type(exc).__name__})",
+                             "check the id and revision, or download it into the local Hugging Face cache first") from None
+
+
+@stage("source")
+def run_source(ctx: StageContext) -> None:
+    source = ctx.plan.recipe.recipe.source
+    if isinstance(source, BundledSource):
+        from quantmill.default_model import default_reference
+
+        src = default_reference()
+    elif isinstance(source, LocalSource):
+        src = ctx.plan.recipe.resolve(source.path)
+    else:
+        src = _hub_snapshot(source)
+    _copy_model(src, ctx.out / ctx.plan.release_name)
+
+
+@stage("merge")
+def run_merge(ctx: StageContext) -> None:
+    from quantmill.convert.merge.merge import merge_adapters
+
+    previous = ctx.inputs[ctx.node.deps[0]] / ctx.plan.release_name
+    adapters = [(ctx.plan.recipe.resolve(a.path), a.weight) for a in ctx.plan.recipe.recipe.adapters]
+    merge_adapters(previous, adapters, ctx.out / ctx.plan.release_name, progress=ctx.progress)
+
+
+@stage("bake")
+def run_bake(ctx: StageContext) -> None:
+    from quantmill.convert.bake import bake_rope
+
+    rope = ctx.plan.recipe.recipe.rope
+    assert rope is not None
+    previous = ctx.inputs[ctx.node.deps[0]] / ctx.plan.release_name
+    bake_rope(previous, rope.method, rope.factor, ctx.out / ctx.plan.release_name, rope.original_context,
+              params=rope.params or None)
+
+
+@stage("calibrate")
+def run_calibrate(ctx: StageContext) -> None:
+    from quantmill.calib_data.sampling import save_calibration_set
+    from quantmill.quantize.calibrate import prepare_calibration
+
+    cal = ctx.plan.recipe.recipe.calibration
+    corpus = ctx.plan.recipe.input_path(cal.corpus)
+    calibration = prepare_calibration(ctx.model_dir, str(corpus) if corpus else cal.corpus, cal.samples, cal.seqlen,
+                                      cal.seed, cal.text_field, progress=ctx.progress)
+    save_calibration_set(calibration, ctx.out / CALIBRATION_NAME)
+
+
+def load_calibration(directory: Path):  # noqa: ANN201 - CalibrationSet, imported lazily
+    from quantmill.calib_data.sampling import load_calibration_set
+
+    return load_calibration_set(directory / CALIBRATION_NAME)
+
+
+@stage("imatrix")
+def run_imatrix(ctx: StageContext) -> None:
+    from quantmill.quantize.gguf.imatrix import imatrix_from_stats, write_imatrix
+    from quantmill.quantize.stats import collect_importance
+
+    calibration = load_calibration(ctx.input_dir("calibrate"))
+    stats = collect_importance(ctx.model_dir, calibration, progress=ctx.progress)
+    write_imatrix(imatrix_from_stats(stats, calibration), ctx.out / IMATRIX_NAME)
+
+
+@stage("gptq")
+def run_gptq(ctx: StageContext) -> None:
+    from quantmill.quantize.gptq.engine import EngineOptions, quantize_branches
+
+    gptq = ctx.plan.recipe.recipe.gptq
+    assert gptq is not None
+    calibration = load_calibration(ctx.input_dir("calibrate"))
+    specs = [b.spec() for b in gptq.branches]
+    quantize_branches(ctx.model_dir, calibration, specs, ctx.out, EngineOptions(progress=ctx.progress))
+
+
+def gguf_file_name(plan: Plan, type_name: str) -> str:
+    return f"{plan.release_name}-{type_name}.gguf"
+
+
+@stage("gguf-base")
+def run_gguf_base(ctx: StageContext) -> None:
+    from quantmill.convert.hf_to_gguf import convert_hf_to_gguf
+
+    outtype = ctx.node.params["outtype"]
+    convert_hf_to_gguf(ctx.model_dir, outtype, outfile=ctx.out / gguf_file_name(ctx.plan, outtype.upper()),
+                       vocab_pre=ctx.node.params["vocab_pre"], threads=ctx.threads, progress=ctx.progress)
+
+
+@stage("gguf")
+def run_gguf(ctx: StageContext) -> None:
+    from quantmill.quantize.gguf.libllama import quantize_gguf
+
+    base_node = ctx.plan.node("gguf-base")
+    base = ctx.input_dir("gguf-base") / gguf_file_name(ctx.plan, base_node.params["outtype"].upper())
+    imatrix = ctx.input_dir("imatrix") / IMATRIX_NAME if "imatrix" in ctx.inputs else None
+    type_name = ctx.node.params["type"]
+    quantize_gguf(base, type_name, ctx.out / gguf_file_name(ctx.plan, type_name), threads=ctx.threads,
+                  imatrix=imatrix, progress=ctx.progress)
+
+
+@stage("verify")
+def run_verify(ctx: StageContext) -> None:
+    from quantmill.pipeline.verify_stage import verify_release
+
+    verify_release(ctx)
+
+
+@stage("release")
+def run_release(ctx: StageContext) -> None:
+    from quantmill.pipeline.release import assemble_release
+
+    assemble_release(ctx)

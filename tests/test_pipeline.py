@@ -1,0 +1,150 @@
+"""`quantmill run` end to end on a tiny model: byte-identical clean runs, a repeated run does nothing,
+kill -9 at five random points then resume gives the same bytes, and `reproduce` says so.
+
+Every stage kind runs (source, calibrate, gptq with two branches, gguf-base, imatrix, a K-quant,
+verify, release), through the real CLI in subprocesses.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from release_helpers import QUANTMILL, TINY_RECIPE, cli, make_tiny_model, output_hashes, tree_snapshot, write_recipe
+
+pytestmark = pytest.mark.slow
+KILL_SEED = 20261124
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _recipe(root: Path, model: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    return write_recipe(root, {**TINY_RECIPE, "source": {"kind": "local", "path": str(model)}})
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory: pytest.TempPathFactory, model: Path) -> dict[str, Any]:
+    """One uninterrupted run: its directory, the --json report and the sha256 of every output file."""
+    root = tmp_path_factory.mktemp("clean")
+    recipe = _recipe(root, model)
+    result = cli("run", str(recipe), "--json", cwd=root, check=True)
+    report = json.loads(result.stdout)
+    assert [s["status"] for s in report["stages"]] == ["ran"] * len(report["stages"])
+    assert report["verification_passed"] is True
+    return {"root": root, "recipe": recipe, "report": report, "hashes": output_hashes(root / "work" / "release")}
+
+
+def test_release_has_every_artifact_and_a_complete_manifest(clean_run: dict[str, Any]) -> None:
+    release = clean_run["root"] / "work" / "release"
+    hashes = clean_run["hashes"]
+    assert {"gguf/tiny-F16.gguf", "gguf/tiny-Q4_K_M.gguf", "gguf/README.md", "verify/verify.json", "manifest.json",
+            "gptq/gptq-4bit-32g-actorder_True/model.safetensors", "gptq/gptq-8bit--1g-actorder_True/README.md"} <= set(hashes)
+    manifest = json.loads((release / "manifest.json").read_text(encoding="utf-8"))
+    assert {k: v["sha256"] for k, v in manifest["outputs"].items()} == {k: v for k, v in hashes.items() if k != "manifest.json"}
+    assert set(manifest["inputs"]) >= {"source/model.safetensors", "source/config.json", "verify/eval_text.txt"}
+    assert any(k.startswith("calibration/calib_") for k in manifest["inputs"])
+    assert manifest["seeds"] == {"calibration": 7} and manifest["threads"] == 2
+    assert len(manifest["calibration"]["token_sha256"]) == 64 and manifest["calibration"]["samples"] == 4
+    assert manifest["packages"]["torch"] and manifest["packages"]["llama_cpp_python"]
+    assert manifest["recipe"]["gguf"]["types"] == ["Q4_K_M"]
+    assert manifest["verification"]["passed"] is True
+    names = {a["name"] for a in manifest["verification"]["artifacts"]}
+    assert names == {"reference", "F16", "Q4_K_M", "gptq-4bit-32g-actorder_True", "gptq-8bit--1g-actorder_True"}
+    log = (clean_run["root"] / "work" / "quantmill.log").read_text(encoding="utf-8")
+    assert "stage gptq finished" in log and "stage release finished" in log
+
+
+def test_two_clean_runs_give_identical_bytes(clean_run: dict[str, Any], tmp_path: Path, model: Path) -> None:
+    recipe = _recipe(tmp_path / "second", model)
+    cli("run", str(recipe), "--json", cwd=recipe.parent, check=True)
+    assert output_hashes(tmp_path / "second" / "work" / "release") == clean_run["hashes"]
+
+
+def test_repeated_run_is_a_no_op(clean_run: dict[str, Any]) -> None:
+    work = clean_run["root"] / "work"
+    stages_before = tree_snapshot(work / "stages")
+    release_before = tree_snapshot(work / "release")
+    result = cli("run", str(clean_run["recipe"]), "--json", cwd=clean_run["root"], check=True)
+    assert {s["status"] for s in json.loads(result.stdout)["stages"]} == {"done"}
+    assert tree_snapshot(work / "stages") == stages_before
+    assert tree_snapshot(work / "release") == release_before  # not even re-exported
+
+
+def _wait_for_stage(log: Path, offset: int, stage: str, process: subprocess.Popen[bytes], timeout: float = 300) -> bool:
+    """Wait until this run logs that ``stage`` started; False if the run ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.is_file() and f"stage {stage} (" in log.read_text(encoding="utf-8")[offset:]:
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.05)
+    raise AssertionError(f"stage {stage} did not start within {timeout} s")
+
+
+def test_kill_9_at_five_random_points_then_resume(clean_run: dict[str, Any], tmp_path: Path, model: Path) -> None:
+    """Five kills, each inside a different stage (chosen at random, in pipeline order) at a random
+    fraction of that stage's duration in the clean run; then one run to the end."""
+    recipe = _recipe(tmp_path / "killed", model)
+    work = tmp_path / "killed" / "work"
+    log = work / "quantmill.log"
+    seconds = {s["stage"]: s["seconds"] for s in clean_run["report"]["stages"]}
+    order = list(seconds)
+    rng = random.Random(KILL_SEED)
+    targets = sorted(rng.sample([s for s in order if seconds[s] >= 0.5], 5), key=order.index)
+    kills = []
+    for stage in targets:
+        offset = log.stat().st_size if log.is_file() else 0
+        process = subprocess.Popen([*QUANTMILL, "run", str(recipe)], cwd=recipe.parent, start_new_session=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started = _wait_for_stage(log, offset, stage, process)
+        delay = rng.uniform(0.1, 0.8) * seconds[stage]
+        time.sleep(delay)
+        alive = process.poll() is None
+        if alive:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        done = sorted(p.name.rsplit("-", 1)[0] for p in (work / "stages").glob("*") if (p / ".stage.json").is_file())
+        kills.append({"stage": stage, "after_s": round(delay, 2), "killed_mid_stage": started and alive,
+                      "stages_done_after": done, "temporaries": sorted(p.name for p in (work / "stages").glob(".*.part"))})
+    print(json.dumps(kills, indent=1))
+    assert sum(k["killed_mid_stage"] for k in kills) >= 4, kills
+    assert any(k["temporaries"] for k in kills)  # the kills did leave half-written stages behind
+    result = cli("run", str(recipe), "--json", cwd=recipe.parent, check=True)
+    assert json.loads(result.stdout)["verification_passed"] is True
+    assert output_hashes(work / "release") == clean_run["hashes"]
+    assert not list(work.rglob("*.part")), "temporaries of the killed runs were left behind"
+
+
+def test_reproduce_reports_every_file_identical(clean_run: dict[str, Any], tmp_path: Path) -> None:
+    manifest = clean_run["root"] / "work" / "release" / "manifest.json"
+    result = cli("reproduce", str(manifest), "--work-dir", str(tmp_path / "again"), "--json", cwd=tmp_path, check=True)
+    report = json.loads(result.stdout)
+    assert report["identical"] is True
+    outputs = {row["path"]: row["status"] for row in report["outputs"]}
+    assert set(outputs) == set(clean_run["hashes"]) - {"manifest.json"}
+    assert set(outputs.values()) == {"identical"} and {r["status"] for r in report["inputs"]} == {"identical"}
+    text = cli("reproduce", str(manifest), "--work-dir", str(tmp_path / "again"), cwd=tmp_path)
+    assert text.returncode == 2 and "fresh work directory" in text.stderr  # never compares a run with itself
+
+
+def test_reproduce_names_each_differing_file(clean_run: dict[str, Any]) -> None:
+    from quantmill.manifest import compare_files
+
+    outputs = json.loads((clean_run["root"] / "work" / "release" / "manifest.json").read_text(encoding="utf-8"))["outputs"]
+    changed = {**{k: v["sha256"] for k, v in outputs.items()}, "gguf/tiny-Q4_K_M.gguf": "0" * 64, "extra.bin": "1" * 64}
+    changed.pop("gguf/README.md")
+    status = {c.path: c.status for c in compare_files(outputs, changed)}
+    assert status["gguf/tiny-Q4_K_M.gguf"] == "different" and status["gguf/README.md"] == "missing"
+    assert status["extra.bin"] == "extra" and status["gguf/tiny-F16.gguf"] == "identical"
