@@ -183,7 +183,7 @@ def gptq_card(settings: CardSettings, branches: list[GptqBranchInfo], published:
         f"huggingface-cli download {repo_id} --revision {example} --local-dir {settings.name}-GPTQ",
         "```",
         "",
-        "In Python: `AutoModelForCausalLM.from_pretrained(\"%s\", revision=\"%s\")`." % (repo_id, example),
+        f'In Python: `AutoModelForCausalLM.from_pretrained("{repo_id}", revision="{example}")`.',
         "",
         _prompt(settings),
         "## Parity with the fp16 reference",
@@ -205,13 +205,13 @@ def gguf_card(settings: CardSettings, files: list[GgufFileInfo], report: dict[st
         front_matter(settings, "GGUF"),
         f"# {settings.name} — GGUF",
         "",
-        f"GGUF files of {settings.name} by {settings.creator} for llama.cpp, made with quantmill "
-        "(quantized by libllama, with an importance matrix from the calibration set where the recipe asks).",
+        (f"GGUF files of {settings.name} by {settings.creator} for llama.cpp, made with quantmill "
+         "(quantized by libllama, with an importance matrix from the calibration set where the recipe asks)."),
         "",
         "## Provided files",
         "",
-        "Bits are the measured bits per weight of the tensor data. Max RAM: file size plus an f16 KV cache "
-        f"of {RAM_CONTEXT_TOKENS} tokens plus {RAM_OVERHEAD_BYTES // 2**20} MiB, without GPU offload.",
+        ("Bits are the measured bits per weight of the tensor data. Max RAM: file size plus an f16 KV cache "
+         f"of {RAM_CONTEXT_TOKENS} tokens plus {RAM_OVERHEAD_BYTES // 2**20} MiB, without GPU offload."),
         "",
         *rows,
         "",

@@ -37,9 +37,8 @@ TINY_RECIPE: dict[str, Any] = {
 def make_tiny_model(directory: Path) -> Path:
     """A float32 HF checkpoint of a tiny llama (2 layers, hidden 64, 400-token BPE vocabulary)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from tiny_gguf import bpe_vocab, write_tiny_gguf
-
     from quantmill.convert.gguf_to_hf import gguf_to_hf
+    from tiny_gguf import bpe_vocab, write_tiny_gguf
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     gguf_path = directory.parent / f".{directory.name}.gguf"
@@ -59,7 +58,7 @@ def write_recipe(root: Path, recipe: dict[str, Any] | None = None, name: str = "
 
 def cli(*args: str, cwd: Path, check: bool = False, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([*QUANTMILL, *args], cwd=cwd, capture_output=True, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, check=False)
     if check and result.returncode != 0:
         raise AssertionError(f"quantmill {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result

@@ -12,7 +12,7 @@ import yaml
 from quantmill.pipeline.release import hub_layout, render_cards
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_gguf import bpe_vocab, write_tiny_gguf  # noqa: E402
+from tiny_gguf import bpe_vocab, write_tiny_gguf
 
 BRANCH_4 = "gptq-4bit-32g-actorder_True"
 BRANCH_8 = "gptq-8bit--1g-actorder_False"

@@ -16,8 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from release_helpers import QUANTMILL, TINY_RECIPE, cli, make_tiny_model, output_hashes, tree_snapshot, write_recipe
+from release_helpers import (
+    QUANTMILL,
+    TINY_RECIPE,
+    cli,
+    make_tiny_model,
+    output_hashes,
+    tree_snapshot,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.slow
 KILL_SEED = 20261124

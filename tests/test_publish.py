@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from release_helpers import TINY_RECIPE, make_tiny_model, write_recipe
 
 from quantmill.cli import main
 from quantmill.publish import PublishBlockedError, publish_release
-from quantmill.recipe import HubTarget, load_recipe
-from release_helpers import TINY_RECIPE, make_tiny_model, write_recipe
+from quantmill.recipe import HubTarget
+from quantmill.recipe_load import load_recipe
 
 pytestmark = pytest.mark.slow
 BRANCH_4 = "gptq-4bit-32g-actorder_True"
@@ -141,13 +142,15 @@ def test_failing_verification_blocks_publish_unless_forced(built: Path, tmp_path
     remote = _bare(tmp_path / "remote.git")
     strict = {**RECIPE["verify"], "thresholds": {"max_delta_ppl_pct": 0.0}}
     target = [{"kind": "git", "url": str(remote)}]
-    assert _run(built, target, verify=strict, output="strict") == 3
+    assert _run(built, target, verify=strict, output="strict") == 1
     err = capsys.readouterr().err
     report = json.loads((built / "work" / "strict" / "verify" / "verify.json").read_text(encoding="utf-8"))
     failed = [a["name"] for a in report["artifacts"] if a.get("passed") is False]
     assert report["passed"] is False and failed
     assert f"verification failed for {', '.join(failed)}" in err and "--force" in err
     assert _heads(remote) == {}  # nothing at all was pushed
+    assert _run(built, [], verify=strict, output="strict") == 1  # no target: the run itself reports the failure
+    assert "the release is built" in capsys.readouterr().err
     assert _run(built, target, "--force", verify=strict, output="strict") == 0
     assert set(_heads(remote)) == {"main", BRANCH_4, BRANCH_8}
 

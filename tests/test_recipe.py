@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 import yaml
+from release_helpers import TINY_RECIPE, tree_snapshot, write_recipe
 
 from quantmill.cli import main
-from quantmill.recipe import RecipeError, load_recipe, parse_size
-from release_helpers import TINY_RECIPE, tree_snapshot, write_recipe
+from quantmill.recipe import RecipeError, parse_size
+from quantmill.recipe_load import load_recipe
 
 
 def _fake_model(directory: Path) -> Path:
@@ -165,7 +166,7 @@ def test_init_writes_a_valid_recipe(tmp_path: Path, default: bool, capsys: pytes
 
 def test_default_recipe_is_the_default_release() -> None:
     from quantmill.pipeline.cli import DEFAULT_RECIPE, bundled_recipe
-    from quantmill.recipe import validate_recipe
+    from quantmill.recipe_load import validate_recipe
 
     recipe = validate_recipe(yaml.safe_load(bundled_recipe(DEFAULT_RECIPE)), Path(DEFAULT_RECIPE))
     assert recipe.verify is not None and recipe.card.base_model

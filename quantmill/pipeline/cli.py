@@ -41,11 +41,11 @@ def _echo_json(data: object) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan (stages, sizes, disk needed, time) and stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--no-publish", is_flag=True, help="Build and verify, but do not publish to the recipe's targets.")
-@click.option("--force", is_flag=True, help="Publish even artifacts whose verification failed.")
+@click.option("--force", is_flag=True, help="Accept (and publish) artifacts whose verification failed.")
 def run(recipe: Path, dry_run: bool, as_json: bool, no_publish: bool, force: bool) -> None:
     """Build the release RECIPE describes: resumable, a repeated run does nothing."""
     from quantmill.pipeline.runner import format_plan, run_recipe
-    from quantmill.recipe import load_recipe
+    from quantmill.recipe_load import load_recipe
 
     loaded = load_recipe(recipe)
     report = run_recipe(loaded, dry_run=dry_run, progress=sys.stderr.isatty() and not as_json,
@@ -73,7 +73,8 @@ def run(recipe: Path, dry_run: bool, as_json: bool, no_publish: bool, force: boo
 def reproduce(manifest: Path, work_dir: Path | None, as_json: bool) -> None:
     """Re-run MANIFEST's recipe and report, file by file, whether every sha256 is identical."""
     from quantmill.manifest import read_manifest
-    from quantmill.pipeline.reproduce import NotReproducedError, reproduce as run_reproduce
+    from quantmill.pipeline.reproduce import NotReproducedError
+    from quantmill.pipeline.reproduce import reproduce as run_reproduce
 
     if work_dir is None:
         work_dir = Path(f"reproduce-{read_manifest(manifest)['recipe_sha256'][:12]}")

@@ -59,10 +59,8 @@ def model_size(plan: Plan) -> ModelSize | None:
         n, emb = _safetensors_params(files)
         return ModelSize(n, emb, sum(f.stat().st_size for f in files))
     if isinstance(source, BundledSource):
-        from quantmill.default_model import bundled_gguf_path
+        from quantmill.default_model import bundled_gguf_path, default_cache_dir
         from quantmill.quantize.gguf.inspect import summarize_gguf
-
-        from quantmill.default_model import default_cache_dir
 
         cached = sorted((default_cache_dir() / "reference").glob("smollm2-*/model.safetensors"))
         if cached:  # the fp16 reference, once built: its header is quick to read

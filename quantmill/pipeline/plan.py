@@ -98,7 +98,11 @@ def input_sha256(loaded: LoadedRecipe, value: str) -> str:
 def _source_params(loaded: LoadedRecipe) -> tuple[dict[str, Any], dict[str, str]]:
     source = loaded.recipe.source
     if isinstance(source, BundledSource):
-        from quantmill.default_model import REFERENCE_DTYPE, REFERENCE_FORMAT, bundled_gguf_path
+        from quantmill.default_model import (
+            REFERENCE_DTYPE,
+            REFERENCE_FORMAT,
+            bundled_gguf_path,
+        )
 
         gguf = bundled_gguf_path()
         files = {gguf.name: sha256_file(gguf)}

@@ -55,7 +55,7 @@ class ReproduceReport:
 
 def reproduce(manifest_path: Path, work_dir: Path, *, progress: bool = False) -> ReproduceReport:
     from quantmill.pipeline.runner import run_recipe
-    from quantmill.recipe import load_recipe
+    from quantmill.recipe_load import load_recipe
 
     old = read_manifest(Path(manifest_path))
     work_dir = Path(work_dir).resolve()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from quantmill.atomic import atomic_dir
-from quantmill.errors import QuantmillError, UserInputError
+from quantmill.errors import QuantmillError, UserInputError, VerificationFailed
 from quantmill.manifest import MANIFEST, file_records
 from quantmill.pipeline.estimate import disk_needed, free_bytes, plan_table
 from quantmill.pipeline.plan import DONE_FILE, STAGES_DIR, Node, Plan, build_plan
@@ -75,8 +75,8 @@ def format_plan(report: RunReport) -> str:
         lines.append(f"{row['stage']:<22} {row['key']:<16} {row['status']:<8} {_human(row['estimated_bytes']):>10} "
                      f"{'?' if secs is None else f'{secs:.0f} s':>10}")
     total = report.as_json()["estimated_seconds"]
-    lines += ["", f"disk needed: {_human(report.disk_needed)} (free: {_human(report.disk_free)}); "
-              f"estimated time: {total:.0f} s at the recipe's thread count"]
+    lines += ["", (f"disk needed: {_human(report.disk_needed)} (free: {_human(report.disk_free)}); "
+                   f"estimated time: {total:.0f} s at the recipe's thread count")]
     return "\n".join(lines)
 
 
@@ -193,13 +193,16 @@ def run_recipe(loaded: LoadedRecipe, *, dry_run: bool = False, progress: bool = 
         LOG.info("release %s %s", loaded.output_dir, "exported" if exported else "already up to date")
         verification = json.loads((release_dir / MANIFEST).read_text(encoding="utf-8")).get("verification")
         report.verification_passed = None if verification is None else bool(verification["passed"])
-        if report.verification_passed is False:
-            LOG.warning("verification failed: %s", ", ".join(
-                a["name"] for a in verification["artifacts"] if a.get("passed") is False))
+        failed = [a["name"] for a in (verification or {}).get("artifacts", []) if a.get("passed") is False]
+        if failed:
+            LOG.warning("verification failed: %s", ", ".join(failed))
         if publish and loaded.recipe.publish:
             from quantmill.publish import publish_release
 
             report.published = publish_release(loaded.output_dir, loaded.recipe.publish, work_dir=work_dir, force=force)
+        elif failed and not force:
+            raise VerificationFailed(f"{loaded.output_dir}: verification failed for {', '.join(failed)}; the release is "
+                                     "built, see its verify/report.md; fix the recipe, or pass --force to accept it")
     return report
 
 

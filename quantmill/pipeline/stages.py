@@ -80,7 +80,7 @@ def _hub_snapshot(source: HubSource) -> Path:
 
         return Path(snapshot_download(source.id, revision=source.revision,
                                       allow_patterns=["*.safetensors", "*.json", "tokenizer.model", "*.txt"]))
-    except Exception as exc:  # huggingface_hub raises many types (offline, not found, gated)
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types (offline, not found, gated)
         raise InputFileError(f"hub:{source.id}@{source.revision}", f"cannot be read ({type(exc).__name__})",
                              "check the id and revision, or download it into the local Hugging Face cache first") from None
 
@@ -131,7 +131,7 @@ def run_calibrate(ctx: StageContext) -> None:
     save_calibration_set(calibration, ctx.out / CALIBRATION_NAME)
 
 
-def load_calibration(directory: Path):  # noqa: ANN201 - CalibrationSet, imported lazily
+def load_calibration(directory: Path):
     from quantmill.calib_data.sampling import load_calibration_set
 
     return load_calibration_set(directory / CALIBRATION_NAME)

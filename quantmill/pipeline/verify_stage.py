@@ -149,8 +149,8 @@ def _fmt(value: float | None, spec: str) -> str:
 def parity_markdown(report: dict[str, Any]) -> str:
     """The parity table of a ``verify.json``: reference first, then every artifact with its verdict."""
     lines = [
-        f"Measured on {report['text']}: {report['n_chunks']} chunks of {report['n_ctx']} tokens "
-        f"(token sha256 {report['token_sha256'][:12]}), CPU, {report['threads']} threads.",
+        (f"Measured on {report['text']}: {report['n_chunks']} chunks of {report['n_ctx']} tokens "
+         f"(token sha256 {report['token_sha256'][:12]}), CPU, {report['threads']} threads."),
         "",
         "| Artifact | Format | Size MiB | bpw | Perplexity | Δppl % | KL div | Top-1 | Verdict |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",

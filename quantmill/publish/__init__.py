@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from quantmill.errors import InputFileError, QuantmillError
+from quantmill.errors import InputFileError, VerificationFailed
 from quantmill.manifest import MANIFEST, compare_files, file_records, read_manifest
 
 # target kind -> (module, function): publish(target, release_dir, manifest, work_dir, **kwargs) -> records
@@ -22,10 +22,8 @@ PUBLISHERS: dict[str, tuple[str, str]] = {
 }
 
 
-class PublishBlockedError(QuantmillError):
-    """Verification failed; nothing is published without --force."""
-
-    exit_code = 3
+class PublishBlockedError(VerificationFailed):
+    """Verification failed; nothing is published without --force (exit code 1, as verify's)."""
 
 
 def check_release(release_dir: Path) -> dict[str, Any]:

@@ -25,7 +25,8 @@ IDENTITY = {"GIT_AUTHOR_NAME": "quantmill", "GIT_AUTHOR_EMAIL": "quantmill@local
 
 def _git(repo: Path, *args: str, stdin: str | None = None, check: bool = True) -> str:
     env = {**os.environ, **IDENTITY, "GIT_TERMINAL_PROMPT": "0"}
-    result = subprocess.run(["git", "-C", str(repo), *args], input=stdin, capture_output=True, text=True, env=env)
+    result = subprocess.run(["git", "-C", str(repo), *args], input=stdin, capture_output=True, text=True, env=env,
+                            check=False)
     if check and result.returncode != 0:
         message = (result.stderr or result.stdout).strip().splitlines()
         raise ToolError(f"git {args[0]} failed: {message[-1] if message else 'no output'}")
@@ -74,7 +75,7 @@ def push_branch(repo: Path, url: str, planned: RepoBranch, message: str) -> str:
 
 def _check_remote(repo: Path, url: str) -> None:
     result = subprocess.run(["git", "-C", str(repo), "ls-remote", url], capture_output=True, text=True,
-                            env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+                            env={**os.environ, "GIT_TERMINAL_PROMPT": "0"}, check=False)
     if result.returncode != 0:
         raise UserInputError(f"publish git url {url!r}: not a reachable git repository; create it (git init --bare) "
                              "or fix the url")

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from quantmill.card import GGUF_DIR, GPTQ_DIR, PLOT, README
-from quantmill.pipeline.release import default_repo, gguf_files, gptq_branch_dirs, hub_layout, render_cards
+from quantmill.pipeline.release import (
+    default_repo,
+    gguf_files,
+    gptq_branch_dirs,
+    hub_layout,
+    render_cards,
+)
 
 
 @dataclass(frozen=True)
