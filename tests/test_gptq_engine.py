@@ -195,6 +195,7 @@ def test_singular_hessian_falls_back_and_is_recorded(make_tiny_llama, tmp_path: 
     [result] = quantize_branches(model, calib, parse_branches(["4bit-32g"]), tmp_path / "out", QUIET)
     meta = json.loads((result.directory / "quantize_config.json").read_text())["meta"]
     assert meta["fallback"]["model.layers.1.self_attn.q_proj"] == "rtn"
+    assert json.loads((result.directory / "config.json").read_text())["quantization_config"]["meta"] == meta
     assert "model.layers.0.self_attn.q_proj" not in meta["fallback"]
     assert np.isfinite(dict(dequantized_tensors(result.directory))["model.layers.1.self_attn.q_proj.weight"]).all()
 
