@@ -262,3 +262,20 @@ def test_threshold_table_overrides(tmp_path: Path) -> None:
     order = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"]
     klds = [DEFAULT_THRESHOLDS[t].kld_mean for t in order]
     assert klds == sorted(klds, reverse=True)
+
+
+def test_store_cache_keeps_the_most_recent_within_its_limit(tmp_path: Path) -> None:
+    import os
+
+    from quantmill.verify.evaluate import prune_store_cache
+
+    for i, name in enumerate(["old", "mid", "new"]):
+        store = tmp_path / f"{name}.bin"
+        store.write_bytes(b"x" * 100)
+        (tmp_path / f"{name}.bin.json").write_text("{}")
+        os.utime(store, (1000 + i, 1000 + i))
+    removed = prune_store_cache(tmp_path, keep=tmp_path / "old.bin", limit=250)
+    assert [p.name for p in removed] == []  # 'old' is over the limit but is the one in use
+    removed = prune_store_cache(tmp_path, keep=tmp_path / "new.bin", limit=250)
+    assert [p.name for p in removed] == ["old.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mid.bin", "mid.bin.json", "new.bin", "new.bin.json"]

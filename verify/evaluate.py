@@ -216,6 +216,22 @@ def default_store_path(key: StoreKey) -> Path:
     return default_cache_dir() / "reference-logprobs" / f"{digest}.bin"
 
 
+# The cache of reference log-probs keeps the most recently used stores up to this many bytes.
+STORE_CACHE_BYTES = 8 << 30
+
+
+def prune_store_cache(directory: Path, keep: Path, limit: int = STORE_CACHE_BYTES) -> list[Path]:
+    """Delete the least recently used stores (and sidecars) in ``directory`` beyond ``limit`` bytes; never ``keep``."""
+    stores = sorted(directory.glob("*.bin"), key=lambda p: p.stat().st_mtime, reverse=True)
+    total, removed = 0, []
+    for store in stores:
+        total += store.stat().st_size
+        if total > limit and store.resolve() != keep.resolve():
+            remove_store(store)
+            removed.append(store)
+    return removed
+
+
 def _result_record(result: ArtifactResult) -> dict[str, Any]:
     return {"format": result.format, "size_bytes": result.size_bytes, "bpw": result.bpw, "metrics": result.metrics,
             "seconds": result.seconds, "n_evaluated": result.n_evaluated, "quant_type": result.quant_type}
@@ -299,6 +315,9 @@ def verify_artifacts(
     key = store_key(reference_dir, plan)
     store_path = Path(store) if store is not None else default_store_path(key)
     reference, reused = measure_reference(reference_dir, plan, tokenizer, options, store_path, key, progress=progress)
+    if store is None:
+        store_path.touch()  # most recently used
+        prune_store_cache(store_path.parent, keep=store_path)
     logprobs = LogProbStore(store_path)
     logprobs.check_plan(plan)
     results = [reference]

@@ -136,14 +136,26 @@ class LogProbStore:
         if self.n_ctx < 2 or self.n_vocab < 1 or self.n_chunks < 1 or size != expected:
             raise InputFileError(self.path, f"truncated or inconsistent log-probability store ({size} bytes, "
                                  f"expected {expected})", "delete it so that verify computes it again")
-        self.tokens = np.memmap(self.path, dtype="<i4", mode="r", offset=len(MAGIC) + 12,
-                                shape=(self.n_ctx * self.n_chunks,))
-        self._rows = np.memmap(self.path, dtype="<u2", mode="r", offset=offset,
-                               shape=(self.n_chunks, self.n_scored, width))
+        self.tokens = np.fromfile(self.path, dtype="<i4", count=self.n_ctx * self.n_chunks, offset=len(MAGIC) + 12)
+        self._offset = offset
+        self._chunk_shape = (self.n_scored, width)
 
     def chunk(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(log-probs [n_scored, n_vocab], in-window mask) of chunk ``index``."""
-        return decode_rows(self._rows[index], self.n_vocab)
+        """(log-probs [n_scored, n_vocab], in-window mask) of chunk ``index``.
+
+        Read with one ``pread`` per chunk rather than memory-mapped, so a multi-GB store does not
+        show up in the process's resident memory as it is walked through.
+        """
+        if not 0 <= index < self.n_chunks:
+            raise IndexError(f"chunk {index} outside 0..{self.n_chunks - 1}")
+        size = 2 * self._chunk_shape[0] * self._chunk_shape[1]
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            raw = os.pread(fd, size, self._offset + index * size)
+        finally:
+            os.close(fd)
+        rows = np.frombuffer(raw, dtype="<u2").reshape(self._chunk_shape)
+        return decode_rows(rows, self.n_vocab)
 
     def check_plan(self, plan: ChunkPlan) -> None:
         """The store must have been computed on exactly this plan's tokens and chunking."""
