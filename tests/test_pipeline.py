@@ -101,15 +101,21 @@ def _wait_for_stage(log: Path, offset: int, stage: str, process: subprocess.Pope
 
 
 def test_kill_9_at_five_random_points_then_resume(clean_run: dict[str, Any], tmp_path: Path, model: Path) -> None:
-    """Five kills, each inside a different stage (chosen at random, in pipeline order) at a random
-    fraction of that stage's duration in the clean run; then one run to the end."""
+    """Five kills at random points of the run: five different stages drawn at random (longer ones
+    likelier), each killed a random fraction of its clean-run duration after it starts; then one
+    run to the end."""
     recipe = _recipe(tmp_path / "killed", model)
     work = tmp_path / "killed" / "work"
     log = work / "quantmill.log"
     seconds = {s["stage"]: s["seconds"] for s in clean_run["report"]["stages"]}
     order = list(seconds)
     rng = random.Random(KILL_SEED)
-    targets = sorted(rng.sample([s for s in order if seconds[s] >= 0.5], 5), key=order.index)
+    # five different stages, longer ones likelier (weights: duration + 0.5 s), in pipeline order
+    pool, targets = list(order), []
+    for _ in range(5):
+        targets.append(rng.choices(pool, weights=[seconds[s] + 0.5 for s in pool])[0])
+        pool.remove(targets[-1])
+    targets.sort(key=order.index)
     kills = []
     for stage in targets:
         offset = log.stat().st_size if log.is_file() else 0
@@ -155,3 +161,42 @@ def test_reproduce_names_each_differing_file(clean_run: dict[str, Any]) -> None:
     status = {c.path: c.status for c in compare_files(outputs, changed)}
     assert status["gguf/tiny-Q4_K_M.gguf"] == "different" and status["gguf/README.md"] == "missing"
     assert status["extra.bin"] == "extra" and status["gguf/tiny-F16.gguf"] == "identical"
+
+
+def test_adapters_and_rope_are_merged_and_baked_before_conversion(model: Path, tmp_path: Path) -> None:
+    """A recipe with a LoRA adapter and RoPE scaling: merge (PEFT's result) → bake → GGUF keys → manifest."""
+    import gguf
+    import torch
+    from merge_helpers import (
+        load_model,
+        logits,
+        peft_logits,
+        token_batch,
+        train_adapter,
+    )
+
+    from quantmill.pipeline.plan import build_plan
+    from quantmill.pipeline.runner import run_recipe
+    from quantmill.recipe_load import load_recipe
+
+    adapter = train_adapter(model, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    recipe = write_recipe(tmp_path, {
+        **TINY_RECIPE, "source": {"kind": "local", "path": str(model)}, "gptq": None,
+        "gguf": {"base": "f16", "types": [], "vocab_pre": "smollm"},
+        "adapters": [{"path": str(adapter), "weight": 1.0}],
+        "rope": {"method": "linear", "factor": 2.0},
+    })
+    loaded = load_recipe(recipe)
+    assert [n.name for n in build_plan(loaded).nodes] == ["source", "merge", "bake", "gguf-base", "verify", "release"]
+    run_recipe(loaded)
+    merged = next((tmp_path / "work" / "stages").glob("merge-*")) / "tiny"
+    baked = next((tmp_path / "work" / "stages").glob("bake-*")) / "tiny"
+    ids = token_batch(400)
+    torch.testing.assert_close(logits(load_model(merged), ids), peft_logits(model, adapter, ids), rtol=1e-4, atol=1e-4)
+    config = json.loads((baked / "config.json").read_text(encoding="utf-8"))
+    assert config["rope_scaling"]["factor"] == 2.0 and config["max_position_embeddings"] == 512
+    reader = gguf.GGUFReader(tmp_path / "work" / "release" / "gguf" / "tiny-F16.gguf")
+    assert reader.fields["llama.rope.scaling.factor"].contents() == 2.0
+    manifest = json.loads((tmp_path / "work" / "release" / "manifest.json").read_text(encoding="utf-8"))
+    assert "adapters/0/adapter_model.safetensors" in manifest["inputs"]
+    assert manifest["recipe"]["rope"]["method"] == "linear"
