@@ -3,7 +3,9 @@
 The copy holds the same tensors byte for byte (safetensors files are hard-linked
 where the file system allows, else copied) and a rewritten config.json; what was
 baked is recorded under ``"rope"`` in ``quantmill_bake.json`` (kept and extended
-if the source already has one). The output directory appears complete or not at all.
+if the source already has one). The output directory appears complete or not at all; it
+replaces an earlier bake output, never an unrelated non-empty directory. Fields the bake
+does not touch (an LCKV layout, LongLLaMA's memory fields ...) are copied unchanged.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from quantmill.atomic import atomic_dir
+from quantmill.atomic import atomic_dir, refuse_unrelated_dir
+from quantmill.convert.lckv.config import is_lckv, parse_lckv
 from quantmill.convert.rope import RopeBake, RopeBase, bake_rope_config, get_rope_method, parse_rope_factor
 from quantmill.errors import InputFileError, UnsupportedError, UserInputError
 
@@ -114,8 +117,11 @@ def bake_rope(
     src, dst = model_dir.resolve(), out_dir.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
         raise UserInputError(f"--out {out_dir}: must not be the model directory, inside it or above it; choose another directory")
+    refuse_unrelated_dir(out_dir, BAKE_RECORD, "bake")
     config_path = model_dir / CONFIG
     config = _read_json(config_path)
+    if is_lckv(config):
+        parse_lckv(config, config_path)  # a broken LCKV layout is refused here, not carried on
     base = rope_base_from_config(config, config_path, scale, original_context)
     bake = bake_rope_config(method, base, params)
     record_path = model_dir / BAKE_RECORD

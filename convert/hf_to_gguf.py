@@ -181,6 +181,7 @@ def convert_hf_to_gguf(
     hp = arch.read_hparams(config, model_dir / "config.json")
     file_type, wanted = OUTTYPES[outtype]
     with Checkpoint(model_dir) as ckpt:
+        arch.check_checkpoint(hp, set(ckpt.entries), model_dir)
         plan = plan_tensors(ckpt, arch, hp, wanted)
         rows = _embedding_rows(plan, model_dir)
         if rows != hp["vocab_size"]:

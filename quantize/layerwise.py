@@ -86,6 +86,17 @@ ARCHITECTURES: dict[str, DecoderArch] = {
             ("mlp.down_proj",),
         ),
     ),
+    # LCKV llama: quantmill's own layer (layers without KV have no k_proj/v_proj). k/v are not listed:
+    # GPTQ's LCKV flow (quantize/gptq/lckv_flow.py) quantizes them with q where a layer has them.
+    "lckv-llama": DecoderArch(
+        model_type="lckv-llama",
+        module="quantmill.convert.lckv.model",
+        config_class="LckvLlamaConfig",
+        layer_class="LckvDecoderLayer",
+        rotary_class="LlamaRotaryEmbedding",
+        gguf_arch="LLAMA",
+        linear_groups=(("self_attn.q_proj",), ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+    ),
 }
 
 

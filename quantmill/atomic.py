@@ -67,6 +67,15 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def refuse_unrelated_dir(final: Path, marker: str, command: str) -> None:
+    """An output directory a command may replace: absent, empty, or an earlier output of it (holds ``marker``)."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise OutputError(f"--out {final} is a file; give a directory path")
+    if final.is_dir() and any(final.iterdir()) and not (final / marker).is_file():
+        raise OutputError(f"--out {final} exists and is not an earlier {command} output; choose a new directory or remove it")
+
+
 def write_text_atomic(final: Path, text: str) -> None:
     with atomic_file(final) as tmp:
         tmp.write_text(text, encoding="utf-8")

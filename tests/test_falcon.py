@@ -100,6 +100,7 @@ def test_falcon_gguf_matches_transformers(style: str, smollm2_tokenizer_dir: Pat
     assert_close(llama_cpp_logits(out, TOKENS[:64]), hf, f"falcon {style}: llama.cpp vs transformers", rel=FALCON_REL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("model_type", "style"), [("RefinedWeb", "40b"), ("RefinedWebModel", "7b")])
 def test_refinedweb_config_is_translated_as_data(model_type: str, style: str, smollm2_tokenizer_dir: Path, tmp_path: Path) -> None:
     model = build_tiny_falcon(tmp_path / "hf", smollm2_tokenizer_dir, max_position_embeddings=2048, **STYLES[style])

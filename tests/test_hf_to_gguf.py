@@ -284,6 +284,13 @@ def test_longllama_config_converts_as_plain_llama(make_tiny_llama: Callable[...,
     )
     (model_dir / "config.json").write_text(json.dumps(config))
     [long] = convert_hf_to_gguf(model_dir, "f32", tmp_path / "long.gguf", progress=False)
+    # The Focused-Transformer fields are kept as metadata: typed keys, and all of them verbatim in longllama.config.
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(long).fields.items() if k.startswith("longllama.")}
+    fot = {"mem_layers": [1], "mem_dtype": "bfloat16", "last_context_length": 1024, "mem_attention_grouping": None,
+           "torch_attention": False, "gradient_checkpoint_every_ith": 1}
+    assert json.loads(fields.pop("longllama.config")) == fot
+    assert fields == {f"longllama.{k}": v for k, v in fot.items() if v is not None}
+    assert not any(k.startswith("longllama.") for k in gguf.GGUFReader(plain).fields)
     a, b = gguf_tensors(plain), gguf_tensors(long)
     assert a.keys() == b.keys()
     assert all(np.array_equal(np.asarray(a[n].data), np.asarray(b[n].data)) for n in a)
@@ -373,10 +380,10 @@ def test_missing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 def test_unsupported_architecture(tiny_sp_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = copy_model(tiny_sp_llama, tmp_path / "m")
     config = json.loads((model / "config.json").read_text())
-    config.update(architectures=["FalconForCausalLM"], model_type="falcon")
+    config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
     (model / "config.json").write_text(json.dumps(config))
     code = run_cli(str(model), "--outtype", "f16", "--outfile", str(tmp_path / "o.gguf"))
-    assert_user_error(capsys, code, str(model / "config.json"), "FalconForCausalLM", "LlamaForCausalLM")
+    assert_user_error(capsys, code, str(model / "config.json"), "GPT2LMHeadModel", "LlamaForCausalLM")
     assert not (tmp_path / "o.gguf").exists()
 
 

@@ -362,3 +362,19 @@ def test_already_scaled_or_in_place_is_refused(tiny: Path, tmp_path: Path) -> No
     with pytest.raises(UserInputError, match="above it"):
         bake_rope(tiny, "yarn", 2.0, tiny.parent)  # replacing the parent would delete the source
     assert (tiny / "model.safetensors").is_file()
+
+
+def test_out_onto_an_unrelated_directory_is_refused(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """As merge does: an earlier bake output is replaced atomically, any other non-empty directory is left alone."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert cli_main(["bake", str(tiny), "--rope", "linear", "--rope-factor", "2", "--out", str(precious)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "not an earlier bake output" in err, err
+    assert sorted(p.name for p in precious.iterdir()) == ["notes.txt"] and not list(tmp_path.glob(".precious.*"))
+    again = tmp_path / "again"
+    bake_rope(tiny, "linear", 2.0, again)
+    bake_rope(tiny, "yarn", 2.0, again)  # an earlier bake output is replaced
+    assert json.loads((again / "config.json").read_text())["rope_parameters"]["rope_type"] == "yarn"

@@ -25,7 +25,7 @@ HParams = dict[str, Any]
 RowTransform = Callable[[HParams, tuple[int, ...]], np.ndarray]
 
 # Modules that register architectures; imported on first lookup.
-ARCH_MODULES: tuple[str, ...] = ("quantmill.convert.arch.llama", "quantmill.convert.arch.falcon")
+ARCH_MODULES: tuple[str, ...] = ("quantmill.convert.arch.llama", "quantmill.convert.arch.falcon", "quantmill.convert.arch.lckv")
 
 
 class Architecture:
@@ -49,6 +49,9 @@ class Architecture:
 
     def block_count(self, hparams: HParams) -> int:
         return int(hparams["num_hidden_layers"])
+
+    def check_checkpoint(self, hparams: HParams, tensor_names: set[str], model_dir: Path) -> None:
+        """Refuse a checkpoint whose tensors contradict its config (before anything is written)."""
 
     def tensor_name_map(self, hparams: HParams) -> gguf.TensorNameMap:
         return gguf.get_tensor_name_map(self.gguf_arch, self.block_count(hparams))

@@ -4,8 +4,10 @@ config.json is read as data. For the model types transformers knows (``llama``,
 ``mistral``) the defaults its config classes fill in are applied first, because
 llama.cpp's converter reads the config through transformers and writes what it sees
 (``head_dim`` → ``attention.key_length``, a missing ``rope_theta`` → 10000). Fields
-this converter does not use (LongLLaMA's ``mem_layers``, ``mem_dtype``,
-``last_context_length`` ...) are ignored.
+this converter does not use are ignored, except LongLLaMA's Focused-Transformer fields
+(``mem_layers``, ``mem_dtype``, ``last_context_length`` ...): a LongLLaMA checkpoint runs
+as plain llama (its memory layers need a runtime llama.cpp does not have), and those
+fields are kept as ``longllama.*`` keys (see :mod:`.extra_keys`).
 
 RoPE: ``linear`` and ``yarn`` become ``rope.scaling.*`` keys (``yarn`` with factor 1, i.e.
 NTK-YaRN as ``quantmill bake`` writes it, becomes scaling type ``none`` plus
@@ -24,6 +26,7 @@ import gguf
 import numpy as np
 
 from quantmill.convert.arch import Architecture, HParams, register
+from quantmill.convert.arch.extra_keys import add_config_fields
 from quantmill.errors import InputFileError, UnsupportedError
 
 T = gguf.MODEL_TENSOR
@@ -40,6 +43,10 @@ REQUIRED_INT_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_layers"
 # First key present wins (llama.cpp's search order).
 CONTEXT_KEYS = ("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length", "model_max_length")
 FFN_KEYS = ("prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size", "n_inner", "hidden_dim")
+# LongLLaMA (Focused Transformer) fields kept as longllama.* keys when present
+FOT_FIELDS = ("gradient_checkpoint_every_ith", "last_context_length", "mem_attention_grouping", "mem_dtype", "mem_layers",
+              "mem_positionals", "torch_attention")
+FOT_PREFIX = "longllama"
 ROPE_THETA_KEYS = ("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta", "rotary_emb_base")
 
 
@@ -168,6 +175,8 @@ class LlamaArchitecture(Architecture):
         writer.add_file_type(file_type)
         writer.add_vocab_size(hp["vocab_size"])
         writer.add_rope_dimension_count(self.head_dim(hp))
+        if fot := {k: hp[k] for k in FOT_FIELDS if k in hp}:
+            add_config_fields(writer, FOT_PREFIX, fot)
 
     def adjust_vocab_keys(self, writer: gguf.GGUFWriter, hp: HParams) -> None:
         # llama.cpp turns BOS off for every llama model with a 49,152-token vocabulary

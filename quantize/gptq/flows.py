@@ -229,7 +229,19 @@ class PreNormFlow:
 Flow = GenericFlow | PreNormFlow
 
 
+# Architectures whose layers need a flow of their own: model_type -> (module, class), imported on use.
+MODEL_FLOWS: dict[str, tuple[str, str]] = {
+    "lckv-llama": ("quantmill.quantize.gptq.lckv_flow", "LckvFlow"),
+}
+
+
 def flow_for(model_type: str, groups: tuple[tuple[str, ...], ...], fast: bool = True) -> Flow:
-    """The pre-norm flow where a layout is registered (and ``fast``), else the generic one."""
+    """The architecture's own flow if it has one; else the pre-norm flow where a layout is registered (and
+    ``fast``), else the generic one."""
+    if model_type in MODEL_FLOWS:
+        import importlib
+
+        module, name = MODEL_FLOWS[model_type]
+        return getattr(importlib.import_module(module), name)(groups)  # type: ignore[no-any-return]
     layout = PRE_NORM_LAYOUTS.get(model_type)
     return PreNormFlow(layout) if fast and layout is not None else GenericFlow(groups)

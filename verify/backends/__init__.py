@@ -45,6 +45,9 @@ class BackendSpec:
 BACKENDS: tuple[BackendSpec, ...] = (
     BackendSpec("gguf", _is_gguf, "quantmill.verify.backends.gguf_llamacpp", "LlamaCppBackend",
                 "GGUF file, run by libllama through llama-cpp-python"),
+    BackendSpec("lckv", lambda p: importlib.import_module("quantmill.verify.backends.lckv_torch").is_lckv_checkpoint(p),
+                "quantmill.verify.backends.lckv_torch", "LckvTorchBackend",
+                "LCKV checkpoint directory (float or GPTQ), run by quantmill's own reference forward"),
     BackendSpec("gptq", lambda p: importlib.import_module("quantmill.verify.backends.gptq_torch").is_gptq_checkpoint(p),
                 "quantmill.verify.backends.gptq_torch", "GptqTorchBackend", "GPTQ v1 checkpoint directory, dequantized to fp32 for transformers"),
     BackendSpec("hf", _is_hf_checkpoint, "quantmill.verify.backends.hf_torch", "TorchBackend",

@@ -1,0 +1,34 @@
+"""LCKV llama (``model_type: lckv-llama``) → GGUF: llama keys and tensors plus the documented ``lckv.*`` keys.
+
+The layers that compute no KV have no ``attn_k``/``attn_v`` tensors, so no runtime loads the
+file as a plain llama (none implements LCKV); the GGUF carries the weights and the whole
+LCKV layout (see :mod:`quantmill.convert.lckv.config` for the keys) for tools that do.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from quantmill.convert.arch import HParams, register
+from quantmill.convert.arch.extra_keys import add_value
+from quantmill.convert.arch.llama import LlamaArchitecture
+from quantmill.convert.lckv.config import MODEL_TYPE, check_kv_tensors, parse_lckv
+
+
+@register("LCKVLlamaForCausalLM", model_types=(MODEL_TYPE,))
+class LckvLlamaArchitecture(LlamaArchitecture):
+    def read_hparams(self, config: dict[str, Any], config_path: Path) -> HParams:
+        spec = parse_lckv(config, config_path)
+        hp = super().read_hparams(config, config_path)
+        hp["lckv"] = spec
+        return hp
+
+    def check_checkpoint(self, hparams: HParams, tensor_names: set[str], model_dir: Path) -> None:
+        check_kv_tensors(hparams["lckv"], tensor_names, model_dir)
+
+    def write_hparams(self, writer: gguf.GGUFWriter, hp: HParams, file_type: gguf.LlamaFileType) -> None:
+        super().write_hparams(writer, hp, file_type)
+        for key, value in hp["lckv"].gguf_keys().items():
+            add_value(writer, key, value, unsigned=True)

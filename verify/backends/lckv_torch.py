@@ -1,0 +1,82 @@
+"""LCKV checkpoints (``model_type: lckv-llama``) run by quantmill's own reference forward in torch.
+
+No runtime implements LCKV and transformers has no class for it (the checkpoints ship custom
+code, never run here), so both the float checkpoint and its GPTQ branches (dequantized to
+float32, as the GPTQ backend does) are evaluated with :class:`quantmill.convert.lckv.model.LckvForCausalLM`:
+sequential semantics, exact. Everything after the logits is the torch backend's.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from quantmill.errors import UnsupportedError
+from quantmill.verify.backends.base import ArtifactInfo, BackendOptions
+from quantmill.verify.backends.hf_torch import TorchBackend, float_type_name, safetensors_sizes
+
+FORMAT = "lckv"
+
+
+def is_lckv_checkpoint(path: Path) -> bool:
+    """Cheap detection (reads config.json only), for the backend registry."""
+    config = Path(path) / "config.json"
+    if not (Path(path).is_dir() and config.is_file() and any(Path(path).glob("*.safetensors"))):
+        return False
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type") == "lckv-llama"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class _LogitsOnly:
+    """The reference model behind the call shape the torch backend uses (``model(input_ids=…).logits``)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __call__(self, input_ids: Any, use_cache: bool = False, logits_to_keep: int = 0) -> SimpleNamespace:
+        logits = self.model(input_ids)
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+    def get_output_embeddings(self) -> Any:
+        return self.model.lm_head
+
+    def eval(self) -> _LogitsOnly:
+        self.model.eval()
+        return self
+
+
+class LckvTorchBackend(TorchBackend):
+    """An LCKV checkpoint directory (float, or a GPTQ branch dequantized to float32) on the CPU."""
+
+    def __init__(self, path: Path, options: BackendOptions) -> None:
+        import torch
+
+        from quantmill.convert.lckv.model import LckvForCausalLM
+        from quantmill.quantize.gptq.dequant import dequantized_tensors, gptq_size_figures, is_gptq_checkpoint, read_gptq_config
+
+        if options.device != "cpu":
+            raise UnsupportedError(f"--device {options.device}: LCKV models run on quantmill's reference forward, on cpu only in this version")
+        self.path = Path(path)
+        self.options = options
+        self._torch = torch
+        self._config = self._read_config()
+        if is_gptq_checkpoint(self.path):
+            size, bpw, _weights = gptq_size_figures(self.path)
+            quant_type = f"GPTQ-{read_gptq_config(self.path)['bits']}bit"
+            model = LckvForCausalLM.from_tensors(self._config, dequantized_tensors(self.path), self.path)
+        else:
+            size, bits, elements = safetensors_sizes(self.path)
+            bpw = bits / elements if elements else 0.0
+            quant_type = float_type_name(self._config, bpw)
+            model = LckvForCausalLM.from_checkpoint(self.path)
+        self._model = _LogitsOnly(model)
+        self.info = ArtifactInfo(self.path, FORMAT, size, bpw, int(model.lm_head.weight.shape[0]), quant_type)
+
+    def _read_config(self) -> dict[str, Any]:
+        """config.json as data; its ``auto_map`` names the LCKV code, which is never imported."""
+        from quantmill.quantize.layerwise import read_config
+
+        return read_config(self.path)
