@@ -14,7 +14,7 @@ import pytest
 
 from quantmill.cli import main as cli_main
 from quantmill.convert.arch.falcon import qkv_row_order
-from quantmill.convert.bake import BAKE_RECORD, bake_rope
+from quantmill.convert.bake import BAKE_RECORD
 from quantmill.convert.hf_to_gguf import convert_hf_to_gguf
 from test_rope_bake import assert_close, llama_cpp_logits, max_rel_err, plain_inv_freq, rotate
 

@@ -398,6 +398,9 @@ def test_refuses_to_replace_an_unrelated_directory(untied_base: Path, tmp_path: 
     with pytest.raises(OutputError, match="not an earlier merge output"):
         merge_adapters(untied_base, [(adapter, 1.0)], precious, progress=False)
     assert (precious / "notes.txt").read_text() == "keep me"
+    with pytest.raises(OutputError, match="is a file"):
+        merge_adapters(untied_base, [(adapter, 1.0)], precious / "notes.txt", progress=False)
+    assert (precious / "notes.txt").read_text() == "keep me"
     merge_adapters(untied_base, [(adapter, 1.0)], tmp_path / "again", progress=False)
     merge_adapters(untied_base, [(adapter, 0.5)], tmp_path / "again", progress=False)  # an earlier merge output is replaced
     assert json.loads((tmp_path / "again" / METADATA_NAME).read_text())["adapters"][0]["weight"] == 0.5

@@ -374,6 +374,8 @@ def test_out_onto_an_unrelated_directory_is_refused(tiny: Path, tmp_path: Path, 
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "not an earlier bake output" in err, err
     assert sorted(p.name for p in precious.iterdir()) == ["notes.txt"] and not list(tmp_path.glob(".precious.*"))
+    assert cli_main(["bake", str(tiny), "--rope", "linear", "--rope-factor", "2", "--out", str(precious / "notes.txt")]) == 2
+    assert "is a file" in capsys.readouterr().err and (precious / "notes.txt").read_text() == "keep me"
     again = tmp_path / "again"
     bake_rope(tiny, "linear", 2.0, again)
     bake_rope(tiny, "yarn", 2.0, again)  # an earlier bake output is replaced

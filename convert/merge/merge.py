@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantmill import __version__
-from quantmill.atomic import atomic_dir
+from quantmill.atomic import atomic_dir, refuse_unrelated_dir
 from quantmill.convert.merge import bnb
 from quantmill.convert.merge.adapter import CONFIG_NAME as ADAPTER_CONFIG
 from quantmill.convert.merge.adapter import Adapter, load_adapter
@@ -24,7 +24,7 @@ from quantmill.hashing import sha256_file
 from quantmill.convert.merge.lora import merged_weight
 from quantmill.convert.merge.plan import MergePlan, Replace, TensorPlan, build_plan
 from quantmill.convert.merge.writer import FLOAT_CODES, OutputTensor, encode_float, write_checkpoint
-from quantmill.errors import InputFileError, OutputError, UnsupportedError, UserInputError
+from quantmill.errors import InputFileError, UnsupportedError, UserInputError
 
 if TYPE_CHECKING:
     import torch
@@ -253,8 +253,7 @@ def merge_adapters(
         raise UserInputError("no adapter given; pass --adapter DIR at least once")
     if out_dir.resolve() == base_dir.resolve() or any(out_dir.resolve() == Path(a).resolve() for a, _ in adapters):
         raise UserInputError(f"--out {out_dir} is an input directory; choose a new output directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / METADATA_NAME).is_file():
-        raise OutputError(f"--out {out_dir} exists and is not an earlier merge output; choose a new directory or remove it")
+    refuse_unrelated_dir(out_dir, METADATA_NAME, "merge")
     config = _read_json(base_dir / "config.json", "pass a Hugging Face model directory with its config.json")
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(Checkpoint(base_dir))
