@@ -5,7 +5,9 @@ where the file system allows, else copied) and a rewritten config.json; what was
 baked is recorded under ``"rope"`` in ``quantmill_bake.json`` (kept and extended
 if the source already has one). The output directory appears complete or not at all; it
 replaces an earlier bake output, never an unrelated non-empty directory. Fields the bake
-does not touch (an LCKV layout, LongLLaMA's memory fields ...) are copied unchanged.
+does not touch (an LCKV layout, LongLLaMA's memory fields ...) are copied unchanged. An old
+RefinedWeb config (Falcon's custom-code era, e.g. Alfred-40B-1023) is first translated as data
+into transformers' Falcon fields, so the baked checkpoint loads without remote code.
 """
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ import json
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from quantmill.atomic import atomic_dir, refuse_unrelated_dir
+from quantmill.convert.arch.falcon import REFINEDWEB_TYPES, refinedweb_to_falcon
 from quantmill.convert.lckv.config import is_lckv, parse_lckv
 from quantmill.convert.rope import RopeBake, RopeBase, bake_rope_config, get_rope_method, parse_rope_factor
 from quantmill.errors import InputFileError, UnsupportedError, UserInputError
@@ -24,6 +28,8 @@ BAKE_RECORD = "quantmill_bake.json"
 CONFIG = "config.json"
 DEFAULT_ROPE_THETA = 10000.0
 UNSCALED_TYPES = (None, "default")
+# Configs transformers cannot read, translated as data before baking (recorded): model_type -> translation
+CONFIG_TRANSLATIONS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = dict.fromkeys(REFINEDWEB_TYPES, refinedweb_to_falcon)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -122,10 +128,15 @@ def bake_rope(
     config = _read_json(config_path)
     if is_lckv(config):
         parse_lckv(config, config_path)  # a broken LCKV layout is refused here, not carried on
+    translated_from = config.get("model_type") if config.get("model_type") in CONFIG_TRANSLATIONS else None
+    if translated_from is not None:
+        config = CONFIG_TRANSLATIONS[translated_from](config, config_path)
     base = rope_base_from_config(config, config_path, scale, original_context)
     bake = bake_rope_config(method, base, params)
     record_path = model_dir / BAKE_RECORD
     record = _read_json(record_path) if record_path.exists() else {}
+    if translated_from is not None:
+        record["config_translated_from"] = translated_from
     record["rope"] = {
         "method": method,
         "factor": scale,

@@ -229,3 +229,19 @@ def test_ntk_yarn_falcon40b_formula_transformers_llama_cpp(smollm2_tokenizer_dir
     assert max_rel_err(falcon40b_numpy_forward(out, TOKENS, inv_freq, 1.0)[0], ref_logits) > 10 * FALCON_REL
     _, plain_scores = falcon40b_numpy_forward(out, TOKENS, plain_inv_freq(10000.0, dim), m)
     assert max_rel_err(plain_scores, ref_scores) > 100 * FALCON_REL
+
+
+def test_refinedweb_checkpoint_is_baked_into_a_transformers_falcon(smollm2_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """Alfred's route: a RefinedWeb-config Falcon-40B baked with NTK-YaRN loads in transformers (no remote code) and
+    gives what the same weights with a transformers config give."""
+    model = build_tiny_falcon(tmp_path / "hf", smollm2_tokenizer_dir, max_position_embeddings=2048, **STYLES["40b"])
+    rw = as_refinedweb(model, tmp_path / "rw", "RefinedWeb")
+    assert cli_main(["bake", str(rw), "--rope", "ntk-yarn", "--rope-factor", "4", "--out", str(tmp_path / "rw_baked")]) == 0
+    assert cli_main(["bake", str(model), "--rope", "ntk-yarn", "--rope-factor", "4", "--out", str(tmp_path / "hf_baked")]) == 0
+    got, want = (json.loads((tmp_path / name / "config.json").read_text()) for name in ("rw_baked", "hf_baked"))
+    assert got["model_type"] == "falcon" and "auto_map" not in got and "n_head" not in got
+    same = ("rope_parameters", "max_position_embeddings", "new_decoder_architecture", "num_kv_heads", "num_attention_heads")
+    assert {k: got[k] for k in same} == {k: want[k] for k in same}
+    assert json.loads((tmp_path / "rw_baked" / BAKE_RECORD).read_text())["config_translated_from"] == "RefinedWeb"
+    tokens = TOKENS[:48]
+    assert np.array_equal(transformers_logits(tmp_path / "rw_baked", tokens), transformers_logits(tmp_path / "hf_baked", tokens))

@@ -67,7 +67,8 @@ UNSUPPORTED_SETTINGS = (
 )
 
 
-def _refinedweb_to_falcon(config: dict[str, Any], config_path: Path) -> dict[str, Any]:
+def refinedweb_to_falcon(config: dict[str, Any], config_path: Path) -> dict[str, Any]:
+    """A RefinedWeb config.json as a transformers Falcon one (renamed fields, no ``auto_map``), as data."""
     from quantmill.convert.rope import RopeBase, bake_rope_config
 
     out = {REFINEDWEB_RENAMES.get(k, k): v for k, v in config.items() if k not in ("auto_map", "ntk_scaling_factor")}
@@ -90,7 +91,7 @@ def _refinedweb_to_falcon(config: dict[str, Any], config_path: Path) -> dict[str
 def falcon_config(config: dict[str, Any], config_path: Path) -> dict[str, Any]:
     """config.json as transformers' FalconConfig fields (RefinedWeb configs translated), defaults filled in."""
     if config.get("model_type") in REFINEDWEB_TYPES:
-        config = _refinedweb_to_falcon(config, config_path)
+        config = refinedweb_to_falcon(config, config_path)
     hp: HParams = {**FALCON_DEFAULTS, **config}
     for key in REQUIRED_INT_FIELDS:
         value = hp.get(key)
