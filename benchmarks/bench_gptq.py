@@ -7,7 +7,7 @@ else that venv's python) picks another one.
 
 Sub-commands (each prints JSON lines, then a verdict):
 
-    python benchmarks/bench_gptq.py compare --bits 4 --group 64 --threads 1   # SmolLM2: time + perplexity
+    python benchmarks/bench_gptq.py compare --bits 4 --group 64 --threads 2   # SmolLM2: time + perplexity
     python benchmarks/bench_gptq.py load --branch OUT/gptq-4bit-64g-actorder_True   # GPTQModel loads ours
     python benchmarks/bench_gptq.py memory --layers 8 32                # peak RSS vs depth
 
@@ -273,7 +273,7 @@ def main() -> None:
     m.add_argument("--threads", type=int, default=2)
     m.add_argument("--branches", default="4bit-128g-actorder", help="comma-separated branch specs")
     m.add_argument("--tolerance", type=float, default=0.10)
-    m.add_argument("--malloc", choices=("bounded", "default"), default="bounded",
+    m.add_argument("--malloc", choices=("bounded", "default"), default="default",
                    help="bounded: EngineOptions.bound_heap (glibc mmap threshold 1 MiB); default: glibc's own policy")
     m.set_defaults(func=memory)
     args = parser.parse_args()
