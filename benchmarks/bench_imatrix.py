@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import subprocess
 import sys
 import tempfile
@@ -36,8 +35,18 @@ def run(cmd: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def gguf_difference(a: Path, b: Path) -> str:
+    """'' when tensor data and metadata agree; else which tensors / keys differ."""
+    from gguf import GGUFReader
+
+    ra, rb = GGUFReader(a), GGUFReader(b)
+    ta, tb = {t.name: t for t in ra.tensors}, {t.name: t for t in rb.tensors}
+    tensors = sorted(n for n in set(ta) | set(tb) if n not in ta or n not in tb
+                     or ta[n].tensor_type != tb[n].tensor_type or ta[n].data.tobytes() != tb[n].data.tobytes())
+    keys = sorted(k for k in set(ra.fields) | set(rb.fields)
+                  if k not in ra.fields or k not in rb.fields or ra.fields[k].contents() != rb.fields[k].contents())
+    parts = ([f"tensors {tensors}"] if tensors else ["tensor data byte-identical"]) + ([f"metadata keys {keys}"] if keys else [])
+    return "; ".join(parts)
 
 
 def main() -> None:
@@ -115,9 +124,8 @@ def main() -> None:
             r = by_path[path]
             print(f"| {name} | {r.bpw:.3f} | {r.ppl:.4f} ± {r.ppl_stderr:.4f} | {result.delta_ppl_pct(r):+.2f} "
                   f"| {r.metrics['kld_mean']:.5f} | {100 * r.metrics['top1_agreement']:.2f} |")
-        same = sha(via_quantmill) == sha(outputs[names[1]])
         print(f"\nquantmill quantize gguf --imatrix (libllama via llama-cpp-python) vs llama-quantize with the same "
-              f"imatrix: {'byte-identical' if same else 'DIFFERENT'}")
+              f"imatrix: {gguf_difference(via_quantmill, outputs[names[1]])}")
         ours_ppl, theirs_ppl = by_path[outputs[names[1]]].ppl, by_path[outputs[names[2]]].ppl
         print(f"quantmill imatrix ppl / llama-imatrix ppl = {ours_ppl / theirs_ppl:.4f} "
               f"({'no worse' if ours_ppl <= theirs_ppl else 'WORSE'})")
