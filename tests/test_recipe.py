@@ -183,3 +183,15 @@ def test_errors_are_recipe_errors(root: Path) -> None:
     with pytest.raises(RecipeError) as info:
         load_recipe(write_recipe(root, _with("threads", 0)))
     assert info.value.exit_code == 2 and "threads 0" in str(info.value)
+
+
+def test_default_release_is_the_bundled_recipe_with_its_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from quantmill.default_release import default_recipe
+    from quantmill.recipe_load import validate_recipe
+
+    recipe = validate_recipe(default_recipe(tmp_path / "out", ("Q8_0",), 256, None, 1, 8), Path("x.yaml"))
+    assert recipe.gguf.types == ["Q8_0"] and recipe.threads == 1  # type: ignore[union-attr]
+    assert recipe.verify.n_ctx == 256 and recipe.verify.max_chunks == 8  # type: ignore[union-attr]
+    assert len(recipe.gptq.branches) == 2  # type: ignore[union-attr]
+    assert main(["default-release", "--out", str(tmp_path / "out"), "--type", "Q9_K"]) == 2
+    assert "Q9_K" in capsys.readouterr().err and not (tmp_path / "out").exists()
