@@ -117,12 +117,19 @@ _LLAMA_FIGURES = {
 
 
 def llama_kl_divergence(tool: Path, gguf: Path, store: Path, n_ctx: int) -> dict[str, float]:
-    """llama-perplexity --kl-divergence against ``store``; its summary figures."""
-    done = subprocess.run([str(tool), "-m", str(gguf), "--kl-divergence-base", str(store), "--kl-divergence",
-                           "-c", str(n_ctx), "-b", str(n_ctx), "-t", "2"], capture_output=True, text=True, timeout=600,
-                          check=False)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-2000:]
+    """llama-perplexity --kl-divergence against ``store``; its summary figures.
+
+    Once, on a saturated machine, llama-perplexity stopped two chunks short with exit status 0 and
+    no summary; a run without a summary is repeated once before the test fails.
+    """
+    for _attempt in range(2):
+        done = subprocess.run([str(tool), "-m", str(gguf), "--kl-divergence-base", str(store), "--kl-divergence",
+                               "-c", str(n_ctx), "-b", str(n_ctx), "-t", "2"], capture_output=True, text=True,
+                              timeout=600, check=False)
+        log = done.stdout + done.stderr
+        assert done.returncode == 0, log[-2000:]
+        if _LLAMA_FIGURES["kld_mean"].search(log):
+            break
     figures = {}
     for name, pattern in _LLAMA_FIGURES.items():
         match = pattern.search(log)
