@@ -23,6 +23,7 @@ from quantmill.convert.arch.falcon import REFINEDWEB_TYPES, refinedweb_to_falcon
 from quantmill.convert.lckv.config import is_lckv, parse_lckv
 from quantmill.convert.rope import RopeBake, RopeBase, bake_rope_config, get_rope_method, parse_rope_factor
 from quantmill.errors import InputFileError, UnsupportedError, UserInputError
+from quantmill.jsonio import read_json_object
 
 BAKE_RECORD = "quantmill_bake.json"
 CONFIG = "config.json"
@@ -33,15 +34,8 @@ CONFIG_TRANSLATIONS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise InputFileError(path, "missing", "pass a Hugging Face model directory (config.json and *.safetensors)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFileError(path, f"cannot be read as JSON ({exc})", "fix or re-save the file") from exc
-    if not isinstance(data, dict):
-        raise InputFileError(path, "is not a JSON object", "fix the file")
-    return data
+    return read_json_object(path, "fix or re-save the file",
+                            missing_fix="pass a Hugging Face model directory (config.json and *.safetensors)")
 
 
 def _positive_int(config: dict[str, Any], key: str, path: Path) -> int:

@@ -21,7 +21,6 @@ matching: the first pattern ``P`` (in file order) for which the regular expressi
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from quantmill.errors import InputFileError, UnsupportedError, UserInputError
+from quantmill.jsonio import read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -245,15 +245,8 @@ def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not directory.is_dir():
         raise InputFileError(directory, "adapter directory not found", "pass a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
-    if not path.is_file():
-        raise InputFileError(path, "missing", "pass a PEFT adapter folder saved with save_pretrained()")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFileError(path, f"not valid JSON ({exc})", "re-save the adapter with save_pretrained()") from exc
-    if not isinstance(config, dict):
-        raise InputFileError(path, "is not a JSON object", "re-save the adapter with save_pretrained()")
-    return config
+    return read_json_object(path, "re-save the adapter with save_pretrained()",
+                            missing_fix="pass a PEFT adapter folder saved with save_pretrained()")
 
 
 def validate_config(config: Mapping[str, Any], path: Path) -> None:

@@ -14,14 +14,14 @@ have no place in a GGUF LoRA: they are refused with the merge as the way out.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantmill.atomic import atomic_file
 from quantmill.convert.merge.adapter import Adapter, LoraModule, load_adapter
 from quantmill.convert.merge.plan import EMBEDDING_PAIRS, Replace, build_plan
-from quantmill.errors import InputFileError, UnsupportedError, UserInputError
+from quantmill.errors import UnsupportedError, UserInputError
+from quantmill.jsonio import read_json_object
 
 if TYPE_CHECKING:
     import gguf
@@ -35,16 +35,8 @@ MERGE_INSTEAD = "merge it into the base with `quantmill merge` and convert the m
 
 
 def _config(base_dir: Path) -> dict[str, Any]:
-    path = base_dir / "config.json"
-    if not path.is_file():
-        raise InputFileError(path, "missing", "pass the base model's Hugging Face directory as --base")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFileError(path, f"not valid JSON ({exc})", "fix config.json") from exc
-    if not isinstance(config, dict):
-        raise InputFileError(path, "is not a JSON object", "fix config.json")
-    return config
+    return read_json_object(base_dir / "config.json", "fix config.json",
+                            missing_fix="pass the base model's Hugging Face directory as --base")
 
 
 def _check_exportable(adapter: Adapter, base_dir: Path, config: dict[str, Any]) -> None:
