@@ -66,19 +66,13 @@ def token_sha256(token_ids: np.ndarray) -> str:
 
 
 def load_tokenize(model_dir: Path) -> Tokenize:
-    """The model's tokenizer (``tokenizer.json``) as a function text -> ids, without special tokens."""
-    from tokenizers import Tokenizer
+    """The model's tokenizer (``tokenizer.json``, else from ``tokenizer.model``) as a function text -> ids, without special tokens."""
+    from quantmill.convert.fast_tokenizer import load_fast_tokenizer
 
-    path = Path(model_dir) / TOKENIZER_FILE
-    if not path.is_file():
-        raise InputFileError(path, "no tokenizer.json next to the model", "save the model with its fast tokenizer")
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as exc:  # tokenizers raises a bare Exception subclass for every parse error
-        raise InputFileError(path, f"cannot be read as a tokenizer ({exc})", "re-save the tokenizer with transformers") from exc
+    tokenizer = load_fast_tokenizer(Path(model_dir))
 
     def tokenize(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False).ids
+        return tokenizer.encode(text, add_special_tokens=False).ids  # type: ignore[no-any-return]
 
     return tokenize
 

@@ -117,7 +117,7 @@ def bake_rope(
     src, dst = model_dir.resolve(), out_dir.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
         raise UserInputError(f"--out {out_dir}: must not be the model directory, inside it or above it; choose another directory")
-    refuse_unrelated_dir(out_dir, BAKE_RECORD, "bake")
+    refuse_unrelated_dir(out_dir, BAKE_RECORD, "bake", (model_dir,))
     config_path = model_dir / CONFIG
     config = _read_json(config_path)
     if is_lckv(config):

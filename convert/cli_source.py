@@ -10,8 +10,8 @@ DTYPE_CHOICES = ("float16", "bfloat16", "float32")  # keep in step with gguf_to_
 
 @click.command("gguf-to-hf")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Output directory for the Hugging Face checkpoint (replaced atomically if it exists).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Output directory for the Hugging Face checkpoint (an earlier gguf-to-hf output is replaced atomically).")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="float16", show_default=True,
               help="Data type of the dequantized weights.")
 @click.option("--quiet", is_flag=True, default=False, help="No progress bar.")

@@ -19,11 +19,17 @@ from typing import Any
 import numpy as np
 
 from quantmill.atomic import atomic_dir
+from quantmill.outputs import check_output, safetensors_metadata
+from quantmill.convert.arch import for_gguf
+from quantmill.convert.arch.base import Architecture, GgufToHfSpec
 from quantmill.convert.gguf_reader import GGUFFile
 from quantmill.convert.gguf_tokenizer import GGUFVocab, tokenizer_files, vocab_from_gguf
 from quantmill.errors import InputFileError, ToolError, UnsupportedError, UserInputError
 
 SAFETENSORS_NAME = "model.safetensors"
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
+OUTPUT_MARKER_KEY = "quantmill"  # in model.safetensors' __metadata__: marks an earlier gguf-to-hf output
+OUTPUT_MARKER = "gguf-to-hf"
 
 # output dtype -> (safetensors dtype code, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -31,45 +37,6 @@ DTYPES: dict[str, tuple[str, int]] = {
     "bfloat16": ("BF16", 2),
     "float32": ("F32", 4),
 }
-
-
-@dataclass(frozen=True)
-class GGUFArchitecture:
-    """How one GGUF architecture maps onto a Hugging Face model class."""
-
-    model_type: str
-    hf_class: str
-    global_tensors: dict[str, str]
-    layer_tensors: dict[str, str]
-    permuted_rows: dict[str, str]  # GGUF layer tensor suffix -> config field giving its head count
-
-
-_LLAMA = GGUFArchitecture(
-    model_type="llama",
-    hf_class="LlamaForCausalLM",
-    global_tensors={
-        "token_embd.weight": "model.embed_tokens.weight",
-        "output_norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight",
-    },
-    layer_tensors={
-        "attn_norm.weight": "input_layernorm.weight",
-        "attn_q.weight": "self_attn.q_proj.weight",
-        "attn_k.weight": "self_attn.k_proj.weight",
-        "attn_v.weight": "self_attn.v_proj.weight",
-        "attn_output.weight": "self_attn.o_proj.weight",
-        "ffn_norm.weight": "post_attention_layernorm.weight",
-        "ffn_gate.weight": "mlp.gate_proj.weight",
-        "ffn_up.weight": "mlp.up_proj.weight",
-        "ffn_down.weight": "mlp.down_proj.weight",
-    },
-    permuted_rows={"attn_q.weight": "num_attention_heads", "attn_k.weight": "num_key_value_heads"},
-)
-
-# general.architecture -> mapping. Mistral and other llama-family models are "llama" in GGUF.
-ARCHITECTURES: dict[str, GGUFArchitecture] = {"llama": _LLAMA}
-
-_LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
 
 
 # ---------------------------------------------------------------------------- Q/K row order
@@ -166,14 +133,15 @@ def build_generation_config(config: dict[str, Any]) -> dict[str, Any]:
     return {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if config[key] is not None}
 
 
-def _architecture(gguf_file: GGUFFile) -> GGUFArchitecture:
-    arch = gguf_file.architecture
-    spec = ARCHITECTURES.get(arch)
-    if spec is None:
-        raise UnsupportedError(
-            f"{gguf_file.path}: GGUF architecture {arch!r} is not supported by GGUF -> HF "
-            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
-        )
+def _record(gguf_file: GGUFFile) -> Architecture:
+    arch = for_gguf(gguf_file.architecture, gguf_file.keys(), gguf_file.path)
+    arch.require("gguf-to-hf", gguf_file.path)
+    return arch
+
+
+def _architecture(gguf_file: GGUFFile) -> GgufToHfSpec:
+    spec = _record(gguf_file).gguf_to_hf
+    assert spec is not None
     return spec
 
 
@@ -188,31 +156,48 @@ class TensorPlan:
     permute_heads: int | None
 
 
+def hf_names_by_gguf_name(gguf_file: GGUFFile, config: dict[str, Any]) -> dict[str, str]:
+    """GGUF tensor name -> Hugging Face name, derived from gguf-py's TensorNameMap.
+
+    The HF names are the state-dict keys of transformers' own class for ``config`` (built on the
+    meta device: no memory); gguf-py's map names each of them in GGUF.
+    """
+    import gguf
+    import torch
+
+    arch = _record(gguf_file)
+    spec = arch.gguf_to_hf
+    assert spec is not None
+    model_class = spec.model_class()
+    with torch.device("meta"):
+        model = model_class(model_class.config_class.from_dict(config))
+    name_map = gguf.get_tensor_name_map(arch.gguf_arch, int(config["num_hidden_layers"]))
+    names: dict[str, str] = {}
+    for hf_name in sorted(model.state_dict()):
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise UnsupportedError(f"{gguf_file.path}: gguf-py has no GGUF name for {spec.hf_class} tensor {hf_name!r}")
+        names.setdefault(gguf_name, hf_name)  # tied lm_head comes after embed_tokens: the GGUF has no output.weight
+    return names
+
+
 def plan_tensors(gguf_file: GGUFFile, config: dict[str, Any]) -> list[TensorPlan]:
     """Every GGUF tensor mapped to its Hugging Face name, sorted by that name."""
     spec = _architecture(gguf_file)
+    hf_names = hf_names_by_gguf_name(gguf_file, config)
     plans = []
     for info in gguf_file.tensor_infos():
-        hf_name, heads = _hf_name(spec, info.name, config)
+        hf_name = hf_names.get(info.name)
         if hf_name is None:
             raise UnsupportedError(
                 f"{gguf_file.path}: tensor {info.name} has no Hugging Face {spec.hf_class} equivalent; "
-                "this GGUF is not a plain llama model"
+                f"this GGUF is not a plain {spec.model_type} model"
             )
+        match = _LAYER_NAME.fullmatch(info.name)
+        heads_field = spec.permuted_rows.get(match.group(2)) if match else None
+        heads = int(config[heads_field]) if heads_field else None
         plans.append(TensorPlan(hf_name, info.name, info.shape, heads))
     return sorted(plans, key=lambda p: p.hf_name)
-
-
-def _hf_name(spec: GGUFArchitecture, name: str, config: dict[str, Any]) -> tuple[str | None, int | None]:
-    if name in spec.global_tensors:
-        return spec.global_tensors[name], None
-    match = _LAYER_NAME.fullmatch(name)
-    if match is None or match.group(2) not in spec.layer_tensors:
-        return None, None
-    suffix = match.group(2)
-    heads_field = spec.permuted_rows.get(suffix)
-    heads = int(config[heads_field]) if heads_field else None
-    return f"model.layers.{int(match.group(1))}.{spec.layer_tensors[suffix]}", heads
 
 
 def hf_tensor(gguf_file: GGUFFile, plan: TensorPlan) -> np.ndarray:
@@ -238,7 +223,7 @@ def write_safetensors(
 ) -> None:
     """Stream tensors into ``path``: header first (offsets known from shapes), then data in name order."""
     code, itemsize = DTYPES[dtype]
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", OUTPUT_MARKER_KEY: OUTPUT_MARKER}}
     offset = 0
     for plan in plans:
         size = int(np.prod(plan.shape)) * itemsize
@@ -268,7 +253,8 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float16
     """Convert ``gguf_path`` into a Hugging Face checkpoint directory ``out_dir``; returns ``out_dir``."""
     if dtype not in DTYPES:
         raise UserInputError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}; pick one of them")
-    out_dir = Path(out_dir)
+    out_dir = check_output(out_dir, kind="dir", flag="--out", command="gguf-to-hf", inputs=(Path(gguf_path),),
+                           owned=safetensors_metadata(OUTPUT_MARKER_KEY, OUTPUT_MARKER, SAFETENSORS_NAME))
     gguf_file = GGUFFile.open(gguf_path)
     vocab = vocab_from_gguf(gguf_file)
     config = build_config(gguf_file, vocab, dtype)

@@ -26,6 +26,7 @@ import gguf
 import numpy as np
 
 from quantmill.atomic import ensure_writable_dir
+from quantmill.outputs import check_output, gguf_signature, write_error
 from quantmill.convert.arch import Architecture, HParams, resolve
 from quantmill.convert.naming import ModelNaming, size_label
 from quantmill.convert.safetensors_io import FLOAT_DTYPES, Checkpoint
@@ -176,8 +177,16 @@ def convert_hf_to_gguf(
     if split_max_size is not None and split_max_size <= 0:
         raise UserInputError(f"split_max_size {split_max_size} must be a positive number of bytes")
     model_dir = Path(os.path.abspath(model_dir))
+    if outfile is not None:
+        outfile = Path(outfile)
+        if os.path.islink(outfile):
+            raise OutputError(f"--outfile {outfile}: is a symbolic link (to {os.readlink(outfile)}); "
+                              "give a real path or a new name")
+        if not outfile.is_dir() and "{" not in outfile.name:
+            _check_outfile(outfile, model_dir)
     config = _load_config(model_dir)
     _, arch = resolve(config, model_dir / "config.json")
+    arch.require("convert", model_dir / "config.json")
     hp = arch.read_hparams(config, model_dir / "config.json")
     file_type, wanted = OUTTYPES[outtype]
     with Checkpoint(model_dir) as ckpt:
@@ -205,7 +214,14 @@ def convert_hf_to_gguf(
 
         naming = ModelNaming(meta.name, meta.basename, meta.size_label, meta.finetune, meta.version)
         final = output_path(model_dir, Path(os.path.abspath(outfile)) if outfile is not None else None, naming, outtype)
+        _check_outfile(final, model_dir)
         return _write_atomically(writer, ckpt, plan, final, threads, progress)
+
+
+def _check_outfile(path: Path, model_dir: Path) -> None:
+    """The output rule for a GGUF file: never one of the model's files, never a file that is not a GGUF."""
+    inputs = [model_dir, *(p for p in model_dir.iterdir() if p.is_file())] if model_dir.is_dir() else [model_dir]
+    check_output(path, kind="file", flag="--outfile", command="hf-to-gguf", inputs=inputs, owned=gguf_signature)
 
 
 def _write_atomically(
@@ -224,13 +240,16 @@ def _write_atomically(
         write_tensor_data(writer, ckpt, plan, threads=threads, progress=progress)
         writer.close()
         written = sorted(staging.iterdir())
+        for path in written:  # split files have their own names: each obeys the output rule too
+            _check_outfile(final.parent / path.name, ckpt.model_dir)
         results = []
         for path in written:
             os.replace(path, final.parent / path.name)
             results.append(final.parent / path.name)
         return results
     except OSError as exc:
-        raise OutputError(f"{final}: writing failed ({exc.strerror or exc}); free disk space or choose another location") from exc
+        raise (write_error(exc, final) or OutputError(
+            f"{final}: writing failed ({exc.strerror or exc}); free disk space or choose another location")) from exc
     finally:
         writer.close()
         shutil.rmtree(staging, ignore_errors=True)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantmill.atomic import ensure_writable_dir
+from quantmill.outputs import check_output, gguf_signature
 from quantmill.calib_data.generated import GENERATED_SPEC, generate_sequences
 from quantmill.calib_data.loaders import DEFAULT_TEXT_FIELD, load_calibration_text
 from quantmill.calib_data.sampling import CalibrationSet, check_sizes, load_tokenize, sample_sequences
@@ -46,6 +47,12 @@ def prepare_calibration(
     return sample_sequences(load_calibration_text(calib, text_field), tokenize, samples, seqlen, seed)
 
 
+def _input_files(model_dir: Path, calib: str) -> list[Path]:
+    files = [model_dir, *(p for p in model_dir.iterdir() if p.is_file())] if model_dir.is_dir() else [model_dir]
+    corpus = Path(calib)
+    return files + ([corpus] if corpus.is_file() else [])
+
+
 def calibrate_imatrix(
     model_dir: Path,
     calib: str,
@@ -62,8 +69,10 @@ def calibrate_imatrix(
     from quantmill.quantize.stats import collect_importance
 
     out = Path(out)
-    if out.is_dir():
-        raise OutputError(f"{out}: is a directory; pass a file name such as imatrix.gguf")
+    if out.is_dir() and not out.is_symlink():
+        raise OutputError(f"--out {out}: is a directory; pass a file name such as imatrix.gguf")
+    check_output(out, kind="file", flag="--out", command="calibrate", inputs=_input_files(Path(model_dir), calib),
+                 owned=gguf_signature)
     ensure_writable_dir(out.parent)
     calibration = prepare_calibration(model_dir, calib, samples, seqlen, seed, text_field, progress=progress)
     stats = collect_importance(Path(model_dir), calibration, device=device, progress=progress)

@@ -15,89 +15,33 @@ The per-layer step is the shared engine of the imatrix statistics pass and of GP
         step.run(observers={}, update=True)   # outputs become the next layer's inputs
 
 An observer receives each batch's input of its linear as a (tokens, in_features) tensor.
-Architectures are rows of ``ARCHITECTURES`` (keyed by config.json's ``model_type``).
+What a family's layer is and how it is walked comes from its architecture record's ``decoder``
+(:class:`quantmill.convert.arch.base.DecoderSpec`).
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
-import importlib
 import json
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from quantmill.errors import InputFileError, UnsupportedError, UserInputError
+from quantmill.convert.arch import for_config
+from quantmill.errors import InputFileError, UserInputError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from quantmill.convert.arch.base import Architecture, DecoderSpec
     from quantmill.convert.safetensors_io import Checkpoint
 
 Observer = Callable[["torch.Tensor"], None]
 DEFAULT_BATCH_TOKENS = 4096
-
-
-@dataclass(frozen=True)
-class DecoderArch:
-    """How to rebuild one decoder layer of an architecture from transformers' classes."""
-
-    model_type: str
-    module: str  # transformers module holding the classes below
-    config_class: str
-    layer_class: str
-    rotary_class: str
-    gguf_arch: str  # gguf.MODEL_ARCH member name, for GGUF tensor names
-    # linears of one layer in execution order, grouped by shared input (q/k/v read the same
-    # normed hidden states): GPTQ's true-sequential groups, and one statistics collector each
-    linear_groups: tuple[tuple[str, ...], ...]
-    embed_weight: str = "model.embed_tokens.weight"
-    layer_prefix: str = "model.layers.{index}."
-
-    @property
-    def linear_names(self) -> tuple[str, ...]:
-        return tuple(name for group in self.linear_groups for name in group)
-
-    def hf_linear_name(self, index: int, linear: str) -> str:
-        """Full checkpoint module name, e.g. ``model.layers.3.self_attn.q_proj``."""
-        return self.layer_prefix.format(index=index) + linear
-
-    def load_class(self, attr: str) -> Any:
-        return getattr(importlib.import_module(self.module), getattr(self, attr))
-
-
-ARCHITECTURES: dict[str, DecoderArch] = {
-    "llama": DecoderArch(
-        model_type="llama",
-        module="transformers.models.llama.modeling_llama",
-        config_class="LlamaConfig",
-        layer_class="LlamaDecoderLayer",
-        rotary_class="LlamaRotaryEmbedding",
-        gguf_arch="LLAMA",
-        linear_groups=(
-            ("self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"),
-            ("self_attn.o_proj",),
-            ("mlp.gate_proj", "mlp.up_proj"),
-            ("mlp.down_proj",),
-        ),
-    ),
-    # LCKV llama: quantmill's own layer (layers without KV have no k_proj/v_proj). k/v are not listed:
-    # GPTQ's LCKV flow (quantize/gptq/lckv_flow.py) quantizes them with q where a layer has them.
-    "lckv-llama": DecoderArch(
-        model_type="lckv-llama",
-        module="quantmill.convert.lckv.model",
-        config_class="LckvLlamaConfig",
-        layer_class="LckvDecoderLayer",
-        rotary_class="LlamaRotaryEmbedding",
-        gguf_arch="LLAMA",
-        linear_groups=(("self_attn.q_proj",), ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
-    ),
-}
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -113,14 +57,11 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
-def arch_for(model_dir: Path, config: Mapping[str, Any]) -> DecoderArch:
-    model_type = config.get("model_type")
-    arch = ARCHITECTURES.get(str(model_type))
-    if arch is None:
-        raise UnsupportedError(
-            f"{Path(model_dir) / 'config.json'}: model_type {model_type!r} is not supported by the layer-by-layer"
-            f" statistics pass (supported: {', '.join(sorted(ARCHITECTURES))})"
-        )
+def arch_for(model_dir: Path, config: Mapping[str, Any], capability: str = "statistics") -> Architecture:
+    """The model's architecture record, refusing a family that cannot go through ``capability``."""
+    config_path = Path(model_dir) / "config.json"
+    arch = for_config(config, config_path)
+    arch.require(capability, config_path)
     return arch
 
 
@@ -187,15 +128,15 @@ class DecoderLayerStep:
         self.updated = False
 
     @property
-    def arch(self) -> DecoderArch:
-        return self.runner.arch
+    def decoder(self) -> DecoderSpec:
+        return self.runner.decoder
 
     def linears(self) -> dict[str, nn.Linear]:
         """The layer's linears by relative name, in execution order."""
-        return {name: self.module.get_submodule(name) for name in self.arch.linear_names}
+        return {name: self.module.get_submodule(name) for name in self.decoder.linear_names}
 
     def hf_name(self, linear: str) -> str:
-        return self.arch.hf_linear_name(self.index, linear)
+        return self.decoder.hf_linear_name(self.index, linear)
 
     def run(self, observers: Mapping[str, Observer], update: bool) -> None:
         """Forward every sequence; feed linear inputs to ``observers``; optionally advance the hidden states."""
@@ -217,9 +158,7 @@ class DecoderLayerStep:
             with torch.inference_mode():
                 for start in range(0, hidden.shape[0], self.runner.batch_size):
                     batch = hidden[start : start + self.runner.batch_size]
-                    out = self.module(batch, position_embeddings=self.runner.position_embeddings(batch.shape[0]))
-                    if isinstance(out, tuple):  # older transformers return (hidden,)
-                        out = out[0]
+                    out = self.runner.forward_layer(self.module, batch)
                     if update:
                         batch.copy_(out)
         finally:
@@ -241,12 +180,15 @@ class LayerwiseRunner:
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         progress: bool = True,
         desc: str = "layers",
+        capability: str = "statistics",
     ) -> None:
         import torch
 
         self.model_dir = Path(model_dir)
         self.raw_config = read_config(self.model_dir)
-        self.arch = arch_for(self.model_dir, self.raw_config)
+        self.arch = arch_for(self.model_dir, self.raw_config, capability)
+        assert self.arch.decoder is not None  # guaranteed by the capability
+        self.decoder: DecoderSpec = self.arch.decoder
         ids = np.asarray(token_ids)
         if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
             raise UserInputError(f"calibration token ids must be a non-empty (samples, seqlen) array, got shape {ids.shape}")
@@ -256,8 +198,8 @@ class LayerwiseRunner:
         self.batch_size = max(1, batch_tokens // ids.shape[1])
         self.progress = progress
         self.desc = desc
-        config_cls = self.arch.load_class("config_class")
-        self.config = config_cls.from_dict(self.raw_config)
+        config_cls, self._layer_cls, self._rotary_cls = self.decoder.classes()
+        self.config = config_cls.from_dict(self.arch.transformers_config(self.raw_config, self.model_dir / "config.json"))
         self.config._attn_implementation = "sdpa"  # causal by itself when no mask is given
         self.n_layers = int(self.config.num_hidden_layers)
         self.hidden: torch.Tensor = torch.empty(0)
@@ -267,10 +209,15 @@ class LayerwiseRunner:
         cos, sin = self._cos_sin  # type: ignore[misc]
         return cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
 
+    def forward_layer(self, layer: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        """One decoder layer over one batch of hidden states (the layer's own forward, causal, no mask)."""
+        out = layer(batch, position_embeddings=self.position_embeddings(batch.shape[0]), **self.decoder.layer_kwargs)
+        return out[0] if isinstance(out, tuple) else out  # some layers return (hidden, attention weights)
+
     def _embed(self, ckpt: Checkpoint) -> None:
         import torch
 
-        name = self.arch.embed_weight
+        name = self.decoder.embed_weight
         if name not in ckpt:
             raise InputFileError(self.model_dir, f"checkpoint has no {name!r} tensor", "pass a complete checkpoint")
         rows = ckpt.entries[name].shape[0]
@@ -285,7 +232,7 @@ class LayerwiseRunner:
         index = torch.from_numpy(inverse.reshape(self.token_ids.shape)).to(self.device)
         self.hidden = table[index]
         del table, index
-        rotary = self.arch.load_class("rotary_class")(config=self.config).to(self.device)
+        rotary = self._rotary_cls(config=self.config).to(self.device)
         positions = torch.arange(self.token_ids.shape[1], device=self.device)[None, :]
         with torch.inference_mode():
             self._cos_sin = rotary(self.hidden[:1], positions)
@@ -293,10 +240,9 @@ class LayerwiseRunner:
     def _load_layer(self, ckpt: Checkpoint, index: int) -> nn.Module:
         import torch
 
-        layer_cls = self.arch.load_class("layer_class")
         with torch.device("meta"):
-            module = layer_cls(self.config, layer_idx=index)
-        prefix = self.arch.layer_prefix.format(index=index)
+            module = self._layer_cls(self.config, layer_idx=index)
+        prefix = self.decoder.layer_prefix.format(index=index)
         state: dict[str, torch.Tensor] = {}
         for key in sorted(module.state_dict()):
             name = prefix + key

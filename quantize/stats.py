@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     import torch
 
     from quantmill.calib_data.sampling import CalibrationSet
-    from quantmill.quantize.layerwise import DecoderArch, DecoderLayerStep, Observer
+    from quantmill.convert.arch.base import Architecture
+    from quantmill.quantize.layerwise import DecoderLayerStep, Observer
 
 
 class InputCollector(Protocol):
@@ -118,7 +119,7 @@ def attach_collectors(
         raise KeyError(f"layer {step.index} has no linear(s) {strangers}")
     collectors: dict[str, dict[str, InputCollector]] = {}
     observers: dict[str, Observer] = {}
-    for group in step.arch.linear_groups:
+    for group in step.decoder.linear_groups:
         members = [name for name in group if name in selected]
         if not members:
             continue
@@ -157,7 +158,7 @@ def iter_layer_stats(
 class ImportanceStats:
     """Σx² and token counts per linear (HF names), ready for the imatrix file."""
 
-    arch: DecoderArch
+    arch: Architecture
     n_layers: int
     sum_squares: dict[str, np.ndarray]
     counts: dict[str, int]

@@ -33,18 +33,52 @@ def ensure_writable_dir(directory: Path) -> None:
         raise OutputError(f"{directory}: output directory is not writable; choose a writable location")
 
 
+def _final(final: Path | str) -> Path:
+    """``final`` made absolute (so ``.`` has a real parent), refused when it is a symbolic link."""
+    path = Path(os.path.abspath(final))
+    if path.is_symlink():
+        raise OutputError(f"{final}: is a symbolic link; give a real path or a new name")
+    cwd = Path(os.path.realpath(Path.cwd()))
+    real = Path(os.path.realpath(path))
+    if real == cwd or real in cwd.parents:
+        raise OutputError(f"{final}: is the current directory or one above it; name a new output")
+    return path
+
+
+@contextlib.contextmanager
+def _translated(final: Path) -> Iterator[None]:
+    """OSErrors that mean "cannot write here" (full disk, EFBIG, read-only, denied) become one OutputError."""
+    from quantmill.outputs import write_error
+
+    try:
+        yield
+    except OSError as exc:
+        error = write_error(exc, final)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _mkstemp(final: Path) -> Path:
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+    except OSError as exc:
+        raise OutputError(f"{final.parent}: cannot create a file here ({exc.strerror}); choose a writable location") from exc
+    os.close(fd)
+    return Path(tmp_name)
+
+
 @contextlib.contextmanager
 def atomic_file(final: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it to ``final`` on success."""
-    final = Path(final)
+    final = _final(final)
     ensure_writable_dir(final.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _mkstemp(final)
     tmp.chmod(0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual mode
     try:
-        yield tmp
-        os.replace(tmp, final)
+        with _translated(final):
+            yield tmp
+            os.replace(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -53,27 +87,39 @@ def atomic_file(final: Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary directory next to ``final``; it replaces ``final`` on success."""
-    final = Path(final)
+    final = _final(final)
     ensure_writable_dir(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+    except OSError as exc:
+        raise OutputError(f"{final.parent}: cannot create a directory here ({exc.strerror}); choose a writable location") from exc
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a finished directory gets the usual mode
     try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with _translated(final):
+            yield tmp
+            if final.exists():
+                if not final.is_dir():
+                    raise OutputError(f"{final}: is a file; give a directory path")
+                # move the old output aside first (one rename), so only quantmill's own temporary is removed
+                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+                os.replace(final, old / final.name)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def refuse_unrelated_dir(final: Path, marker: str, command: str) -> None:
-    """An output directory a command may replace: absent, empty, or an earlier output of it (holds ``marker``)."""
-    final = Path(final)
-    if final.exists() and not final.is_dir():
-        raise OutputError(f"--out {final} is a file; give a directory path")
-    if final.is_dir() and any(final.iterdir()) and not (final / marker).is_file():
-        raise OutputError(f"--out {final} exists and is not an earlier {command} output; choose a new directory or remove it")
+def refuse_unrelated_dir(final: Path, marker: str, command: str, inputs: tuple[Path, ...] = ()) -> None:
+    """An output directory a command may replace: absent, empty, or an earlier output of it (holds ``marker``).
+
+    The rule itself is :func:`quantmill.outputs.check_output`.
+    """
+    from quantmill.outputs import check_output, marker as has_marker
+
+    check_output(final, kind="dir", flag="--out", command=command, inputs=inputs, owned=has_marker(marker))
 
 
 def write_text_atomic(final: Path, text: str) -> None:

@@ -13,6 +13,8 @@ import click
 
 from quantmill import __version__
 from quantmill.errors import QuantmillError
+from quantmill.outputs import write_error
+from quantmill.redact import redact
 
 # (group path, module, attribute): every command quantmill has, in one table.
 COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
@@ -66,8 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="quantmill", standalone_mode=False)
     except QuantmillError as exc:
-        click.echo(f"quantmill: error: {exc}", err=True)
+        click.echo(redact(f"quantmill: error: {exc}"), err=True)
         return exc.exit_code
+    except OSError as exc:  # a write failure the library did not translate: still one line, exit 2
+        error = write_error(exc, exc.filename or "a file", action=exc.strerror or "failed")
+        if error is None:
+            raise
+        click.echo(redact(f"quantmill: error: {error}"), err=True)
+        return error.exit_code
     except click.exceptions.Abort:
         click.echo("quantmill: aborted", err=True)
         return 130

@@ -44,6 +44,18 @@ def parse_size(value: int | str) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
+def _path_name(value: str | None) -> str | None:
+    """A name that becomes a file or directory name: the one rule of :func:`quantmill.outputs.check_name`."""
+    from quantmill.outputs import NAME_RULE, check_name
+
+    if value is not None:
+        try:
+            check_name(value, "name")
+        except UserInputError:
+            raise ValueError(f"{value!r} is not a release name; use {NAME_RULE}") from None
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -71,17 +83,42 @@ class HubSource(_Strict):
     @field_validator("id")
     @classmethod
     def _hub_id(cls, value: str) -> str:
-        if not _HUB_ID_RE.match(value):
-            raise ValueError(f"{value!r} is not a Hub repository id; write OWNER/NAME")
-        return value
+        return check_hub_id(value)
+
+
+def check_hub_id(value: str) -> str:
+    if not _HUB_ID_RE.match(value):
+        raise ValueError(f"{value!r} is not a Hub repository id; write OWNER/NAME")
+    return value
 
 
 Source = Annotated[BundledSource | LocalSource | HubSource, Field(discriminator="kind")]
 
 
+class HubRepo(_Strict):
+    """A Hub repository at a pinned revision (an adapter's ``hub:``), read like a Hub source."""
+
+    id: str
+    revision: str
+
+    @field_validator("id")
+    @classmethod
+    def _hub_id(cls, value: str) -> str:
+        return check_hub_id(value)
+
+
 class Adapter(_Strict):
-    path: Path
+    """A PEFT LoRA adapter: a local folder (``path:``) or a Hub repository (``hub: {id, revision}``)."""
+
+    path: Path | None = None
+    hub: HubRepo | None = None
     weight: float = 1.0
+
+    @model_validator(mode="after")
+    def _one_location(self) -> Adapter:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("an adapter needs exactly one of path: (a PEFT folder) or hub: {id: OWNER/NAME, revision: COMMIT}")
+        return self
 
 
 class Rope(_Strict):
@@ -203,6 +240,11 @@ class Card(_Strict):
     prompt_template: str = "{prompt}"
     tags: list[str] = Field(default_factory=list)
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return _path_name(value)
+
 
 class GitTarget(_Strict):
     """Any git remote: GGUF files (and card) on main, one branch per GPTQ variant.
@@ -275,9 +317,7 @@ class Recipe(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}", value):
-            raise ValueError(f"{value!r} is not a release name; use letters, digits, '.', '_' or '-'")
-        return value
+        return _path_name(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -355,7 +395,8 @@ class LoadedRecipe:
         if data["source"]["kind"] == "local":
             data["source"]["path"] = str(self.resolve(data["source"]["path"]))
         for adapter in data["adapters"]:
-            adapter["path"] = str(self.resolve(adapter["path"]))
+            if adapter["path"] is not None:
+                adapter["path"] = str(self.resolve(adapter["path"]))
         for section, key in (("calibration", "corpus"), ("verify", "text")):
             if data.get(section) and (path := self.input_path(data[section][key])) is not None:
                 data[section][key] = str(path)

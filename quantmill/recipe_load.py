@@ -100,6 +100,7 @@ def check_paths(loaded: LoadedRecipe) -> None:
     if out == work or work not in out.parents:
         raise RecipeError(f"{path}: output {str(recipe.output)!r} is outside the work directory {work}; "
                           "use a relative path inside it, e.g. release")
+    check_release_output(loaded)
     if isinstance(recipe.source, LocalSource):
         src = loaded.resolve(recipe.source.path)
         if not (src / "config.json").is_file():
@@ -108,7 +109,7 @@ def check_paths(loaded: LoadedRecipe) -> None:
         if src == work or src in work.parents or work in src.parents:
             raise RecipeError(f"{path}: work_dir {work} overlaps source.path {src}; choose a separate work directory")
     for i, adapter in enumerate(recipe.adapters):
-        if not loaded.resolve(adapter.path).is_dir():
+        if adapter.path is not None and not loaded.resolve(adapter.path).is_dir():
             raise RecipeError(f"{path}: adapters.{i}.path {str(adapter.path)!r}: no such directory; "
                               "point it at a PEFT adapter folder")
     for field, value in (("calibration.corpus", recipe.calibration.corpus),
@@ -120,6 +121,21 @@ def check_paths(loaded: LoadedRecipe) -> None:
         raise RecipeError(f"{path}: lckv: LCKV layer sharing is read from the source's config.json "
                           "(model_type lckv-llama), not set in a recipe; remove the lckv section")
     _check_creatable(path, "work_dir", work)
+
+
+def check_release_output(loaded: LoadedRecipe) -> None:
+    """``output`` obeys the output rule: new, empty, or an earlier release (manifest.json); never a file,
+    a symbolic link, the stages directory or a directory quantmill did not write."""
+    from quantmill.errors import OutputError
+    from quantmill.manifest import MANIFEST
+    from quantmill.outputs import check_output, marker
+
+    work = loaded.work_dir
+    try:
+        check_output(work / loaded.recipe.output, kind="dir", flag=f"{loaded.path}: output", command="quantmill run",
+                     inputs=[work / "stages", work / "quantmill.log"], owned=marker(MANIFEST))
+    except OutputError as exc:
+        raise RecipeError(str(exc)) from None
 
 
 def _check_creatable(recipe_path: Path, field: str, directory: Path) -> None:

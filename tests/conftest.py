@@ -209,3 +209,16 @@ def make_tiny_llama(tmp_path: Path, smollm2_tokenizer_dir: Path, sentencepiece_t
         return build_tiny_llama(tmp_path / name, tokenizer_dir, size, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def family_model(tmp_path: Path, smollm2_tokenizer_dir: Path, sentencepiece_tokenizer_dir: Path) -> Callable[..., Path]:
+    """Factory: ``family_model("falcon-40b", dtype="float16")`` → a tiny replica from ``tests/families.py``."""
+    from families import FAMILIES
+
+    def make(name: str, dtype: str = "float32") -> Path:
+        replica = FAMILIES[name]
+        tokenizer_dir = smollm2_tokenizer_dir if replica.vocab == "bpe" else sentencepiece_tokenizer_dir
+        return replica.build(tmp_path / name, tokenizer_dir, dtype)
+
+    return make

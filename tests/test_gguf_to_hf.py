@@ -14,7 +14,7 @@ import pytest
 
 from quantmill.convert.gguf_reader import GGUFFile
 from quantmill.convert.gguf_to_hf import gguf_to_hf, permute_rows, unpermute_rows
-from quantmill.errors import InputFileError, UnsupportedError
+from quantmill.errors import InputFileError, OutputError, UnsupportedError
 from tiny_gguf import TinyShape, TinyVocab, bpe_vocab, gguf_name, llama_cpp_permute, write_tiny_gguf
 
 LICENSES = Path("/usr/share/common-licenses")
@@ -194,14 +194,21 @@ def test_tiny_build_is_deterministic(tmp_path: Path, vocab: TinyVocab) -> None:
 
 
 def test_output_directory_is_replaced_whole(tmp_path: Path, vocab: TinyVocab) -> None:
+    """An earlier gguf-to-hf output is replaced whole; an unrelated directory is refused, untouched (issue 12)."""
     gguf_path = tmp_path / "tiny.gguf"
     write_tiny_gguf(gguf_path, vocab)
     out = tmp_path / "hf"
-    out.mkdir()
+    gguf_to_hf(gguf_path, out, progress=False)
     (out / "stale.bin").write_bytes(b"old")
     gguf_to_hf(gguf_path, out, progress=False)
     assert not (out / "stale.bin").exists() and (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
+    unrelated = tmp_path / "mine"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_bytes(b"keep")
+    with pytest.raises(OutputError, match="not an earlier gguf-to-hf output"):
+        gguf_to_hf(gguf_path, unrelated, progress=False)
+    assert [p.name for p in unrelated.iterdir()] == ["notes.txt"]
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -17,10 +17,10 @@ from quantmill.quantize.gptq.algorithm import gptq_quantize
 from quantmill.quantize.gptq.branches import parse_branch, parse_branches
 from quantmill.quantize.gptq.dequant import dequantized_tensors, gptq_size_figures, load_dequantized_model, read_gptq_config
 from quantmill.quantize.gptq.engine import EngineOptions, quantize_branches
-from quantmill.quantize.layerwise import ARCHITECTURES
+from quantmill.convert.arch.llama import LlamaArchitecture
 
 TEXT = (Path(__file__).resolve().parents[1] / "calib_data" / "corpora" / "calib_as_you_like_it.txt").read_text(encoding="utf-8")
-GROUPS = ARCHITECTURES["llama"].linear_groups
+GROUPS = LlamaArchitecture.decoder.linear_groups
 QUIET = EngineOptions(progress=False)
 
 
@@ -202,9 +202,9 @@ def test_singular_hessian_falls_back_and_is_recorded(make_tiny_llama, tmp_path: 
 
 def test_unsupported_architecture_leaves_nothing(tiny: Path, calib: CalibrationSet, tmp_path: Path) -> None:
     config = json.loads((tiny / "config.json").read_text())
-    config["model_type"] = "falcon"
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (tiny / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedError, match="model_type 'falcon'"):
+    with pytest.raises(UnsupportedError, match="GPT2LMHeadModel is not supported"):
         quantize_branches(tiny, calib, parse_branches(["4bit-32g"]), tmp_path / "out", QUIET)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 

@@ -67,31 +67,64 @@ LOADERS = {"4bit-32g-actorder": "gptqmodel,transformers", "3bit-32g": "gptqmodel
            "2bit-64g-actorder-asym": "transformers"}
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not REQUIRED and not GPTQMODEL_PYTHON.is_file(),
-                    reason=f"GPTQModel venv not found at {GPTQMODEL_PYTHON} (bash scripts/gptqmodel_venv.sh creates it)")
-def test_gptqmodel_loads_quantmill_branches_with_identical_logits(make_tiny_llama, tmp_path: Path) -> None:
+needs_gptqmodel = pytest.mark.skipif(
+    not REQUIRED and not GPTQMODEL_PYTHON.is_file(),
+    reason=f"GPTQModel venv not found at {GPTQMODEL_PYTHON} (bash scripts/gptqmodel_venv.sh creates it)")
+
+
+def gptqmodel_logits(branches: dict[Path, str], ids: np.ndarray, tmp_path: Path) -> dict[str, dict[str, int]]:
+    """Load each branch with its loaders (``"gptqmodel,transformers"``) in GPTQModel's venv; logits land next to it."""
     assert GPTQMODEL_PYTHON.is_file(), f"$QUANTMILL_GPTQMODEL_PYTHON={GPTQMODEL_PYTHON} does not exist"
-    model_dir = make_tiny_llama("bpe", name="tiny", dtype="float16", num_hidden_layers=2, tie_word_embeddings=True)
-    calib = sample_sequences(CalibrationText("ayli", (TEXT,)), load_tokenize(model_dir), samples=4, seqlen=64, seed=1)
-    results = quantize_branches(model_dir, calib, parse_branches(list(LOADERS)), tmp_path / "out", EngineOptions(progress=False))
-    ids = np.random.Generator(np.random.PCG64(0)).integers(0, 49152, size=(2, 48))
     np.save(tmp_path / "ids.npy", ids)
-    branches = [str(r.directory) for r in results]
-    spec_of = {str(r.directory): r.spec.short for r in results}
-    args = [f"{path}={LOADERS[spec]}" for path, spec in spec_of.items()]
+    args = [f"{path}={loaders}" for path, loaders in branches.items()]
     done = subprocess.run([str(GPTQMODEL_PYTHON), "-c", WORKER, str(tmp_path / "ids.npy"), *args], capture_output=True,
                           text=True, timeout=1500, check=False,
                           # eager kernels: the same arithmetic, without compiling every module with inductor first
                           env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "TORCH_COMPILE_DISABLE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    loaded = json.loads(done.stdout.strip().splitlines()[-1])
-    for path in branches:
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def assert_logits_match(branches: dict[Path, str], loaded: dict[str, dict[str, int]], ids: np.ndarray, n_linears: int) -> None:
+    """Every loader turned every linear into a GPTQ module and gives quantmill's dequantized logits (rel. error < 1e-3)."""
+    for path, loaders in branches.items():
         with torch.no_grad():
-            ours = load_dequantized_model(Path(path))(input_ids=torch.from_numpy(ids)).logits.numpy()
-        assert sorted(loaded[path]) == sorted(LOADERS[spec_of[path]].split(","))
-        for loader, modules in loaded[path].items():
-            assert modules == 14, (path, loader)  # every linear of both layers is a GPTQ module
-            theirs = np.load(Path(path) / f"{loader}_logits.npy")
+            ours = load_dequantized_model(path)(input_ids=torch.from_numpy(ids)).logits.numpy()
+        assert sorted(loaded[str(path)]) == sorted(loaders.split(","))
+        for loader, modules in loaded[str(path)].items():
+            assert modules == n_linears, (path, loader)
+            theirs = np.load(path / f"{loader}_logits.npy")
             rel = float(np.linalg.norm(theirs - ours) / np.linalg.norm(ours))
             assert rel < 1e-3, (path, loader, rel)
+
+
+@pytest.mark.slow
+@needs_gptqmodel
+def test_gptqmodel_loads_quantmill_branches_with_identical_logits(make_tiny_llama, tmp_path: Path) -> None:
+    model_dir = make_tiny_llama("bpe", name="tiny", dtype="float16", num_hidden_layers=2, tie_word_embeddings=True)
+    calib = sample_sequences(CalibrationText("ayli", (TEXT,)), load_tokenize(model_dir), samples=4, seqlen=64, seed=1)
+    results = quantize_branches(model_dir, calib, parse_branches(list(LOADERS)), tmp_path / "out", EngineOptions(progress=False))
+    ids = np.random.Generator(np.random.PCG64(0)).integers(0, 49152, size=(2, 48))
+    branches = {r.directory: LOADERS[r.spec.short] for r in results}
+    assert_logits_match(branches, gptqmodel_logits(branches, ids, tmp_path), ids, 14)  # 7 linears x 2 layers
+
+
+# Family replicas whose GPTQ branches GPTQModel 7.6 must load: (builder in tests/families.py, linears per layer).
+FAMILY_BRANCHES = ("4bit-32g-actorder", "8bit-none")
+
+
+@pytest.mark.slow
+@needs_gptqmodel
+@pytest.mark.parametrize("family", ["falcon-7b", "falcon-40b", "qwen2", "qwen3"])
+def test_gptqmodel_loads_branches_of_other_families(family: str, family_model, tmp_path: Path) -> None:
+    """Falcon (both layouts: GPTQModel maps falcon to its RefinedWeb tree) and Qwen2/3 branches load with quantmill's logits."""
+    from families import FAMILIES
+
+    model_dir = family_model(family, dtype="float16")
+    calib = sample_sequences(CalibrationText("ayli", (TEXT,)), load_tokenize(model_dir), samples=4, seqlen=64, seed=1)
+    results = quantize_branches(model_dir, calib, parse_branches(list(FAMILY_BRANCHES)), tmp_path / "out",
+                                EngineOptions(progress=False))
+    ids = np.random.Generator(np.random.PCG64(0)).integers(0, 49152, size=(2, 48))
+    branches = {r.directory: "gptqmodel,transformers" for r in results}
+    n_linears = FAMILIES[family].linears_per_layer * FAMILIES[family].layers
+    assert_logits_match(branches, gptqmodel_logits(branches, ids, tmp_path), ids, n_linears)

@@ -22,7 +22,8 @@ from quantmill.quantize.gguf.imatrix import (
     read_imatrix,
     write_imatrix,
 )
-from quantmill.quantize.layerwise import ARCHITECTURES, LayerwiseRunner
+from quantmill.convert.arch.llama import LlamaArchitecture
+from quantmill.quantize.layerwise import LayerwiseRunner
 from quantmill.quantize.stats import Hessian, SumSquares, attach_collectors, collect_importance, iter_layer_stats
 
 TEXT = (Path(__file__).resolve().parents[1] / "calib_data" / "corpora" / "calib_as_you_like_it.txt").read_text(encoding="utf-8")
@@ -126,8 +127,8 @@ def test_sharded_checkpoint_gives_the_same_stats(make_tiny_llama, calib: Calibra
 
 
 def test_gguf_names_follow_gguf_py() -> None:
-    arch = ARCHITECTURES["llama"]
-    names = [gguf_weight_name(arch.gguf_arch, arch.hf_linear_name(7, n), 8) for n in arch.linear_names]
+    decoder = LlamaArchitecture.decoder
+    names = [gguf_weight_name(LlamaArchitecture.gguf_arch, decoder.hf_linear_name(7, n), 8) for n in decoder.linear_names]
     assert names == [
         "blk.7.attn_k.weight", "blk.7.attn_q.weight", "blk.7.attn_v.weight", "blk.7.attn_output.weight",
         "blk.7.ffn_gate.weight", "blk.7.ffn_up.weight", "blk.7.ffn_down.weight",
@@ -211,12 +212,19 @@ def test_calibrate_cli_bad_input(
     assert not any(p.name.endswith(".part") for p in out.parent.iterdir()) if out.parent.exists() else True
 
 
-def test_calibrate_cli_unsupported_architecture(make_tiny_llama, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    model = make_tiny_llama("bpe", name="mistral", architecture="mistral")
+def test_calibrate_cli_refuses_a_family_without_the_statistics_pass(make_tiny_llama, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A family whose record lacks the capability is refused by name before any work (here: an unknown one)."""
+    import json
+
+    model = make_tiny_llama("bpe", name="gpt2ish")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     out = tmp_path / "im.gguf"
+    capsys.readouterr()
     assert _cli("calibrate", str(model), "--out", str(out)) == 2
     err = capsys.readouterr().err
-    assert "model_type 'mistral' is not supported" in err and "config.json" in err
+    assert "GPT2LMHeadModel is not supported" in err and "config.json" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
     with pytest.raises(UnsupportedError):
         LayerwiseRunner(model, np.zeros((1, 4), dtype=np.int32))

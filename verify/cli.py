@@ -13,11 +13,11 @@ import click
 @click.option("--text", "text", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="Evaluation text (UTF-8); it must tokenize to at least two chunks.")
 @click.option("--n-ctx", type=int, default=512, show_default=True, help="Tokens per chunk; the second half of each is scored.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also write the figures as JSON, one record per artifact.")
-@click.option("--report-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+@click.option("--report-dir", type=click.Path(path_type=Path), default=None,
               help="Write report.md, report.json and report.png (bpw vs KLD and Δppl) there.")
-@click.option("--reference-logprobs", "store", type=click.Path(path_type=Path, dir_okay=False), default=None,
+@click.option("--reference-logprobs", "store", type=click.Path(path_type=Path), default=None,
               help="Where the reference's log-probs are stored (llama-perplexity's --kl-divergence-base format); "
                    "reused when it matches [default: a file in the cache keyed by reference and tokens].")
 @click.option("--thresholds", "thresholds_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -51,6 +51,8 @@ def verify(
 
     from quantmill.atomic import ensure_writable_dir
     from quantmill.errors import UserInputError, VerificationFailed
+    from quantmill.outputs import check_output, json_with_keys
+    from quantmill.verify.logprob_store import MAGIC
     from quantmill.verify.backends.base import BackendOptions
     from quantmill.verify.evaluate import verify_artifacts
     from quantmill.verify.report import markdown_table, write_json_report, write_report
@@ -61,6 +63,21 @@ def verify(
     if threads is not None and threads < 1:
         raise UserInputError(f"--threads {threads}: must be at least 1")
     table = load_thresholds(thresholds_file, threshold_options)
+    # the output rule, before the evaluation: never an input, never a file or directory verify did not write
+    inputs = [*artifacts, reference_dir, text, *([thresholds_file] if thresholds_file is not None else [])]
+    report_json = json_with_keys("version", "reference", "artifacts")
+
+    def logprob_store_signature(path: Path) -> bool:
+        with open(path, "rb") as handle:
+            return handle.read(len(MAGIC)) == MAGIC
+    if json_path is not None:
+        check_output(json_path, kind="file", flag="--json", command="verify", inputs=inputs, owned=report_json)
+    if store is not None:  # an existing store is read (ours or llama-perplexity's), a stale one of ours replaced
+        check_output(store, kind="file", flag="--reference-logprobs", command="verify", inputs=inputs,
+                     owned=logprob_store_signature)
+    if report_dir is not None:
+        check_output(report_dir, kind="dir", flag="--report-dir", command="verify", inputs=inputs,
+                     owned=lambda d: report_json(d / "report.json"))
     for target in (json_path, store):
         if target is not None:
             ensure_writable_dir(target.resolve().parent)  # fail now, not after the evaluation

@@ -19,6 +19,7 @@ from typing import Any
 from quantmill.atomic import atomic_file
 from quantmill.errors import InputFileError
 from quantmill.hashing import sha256_tree
+from quantmill.quantize.gguf.inspect import summarize_gguf
 from quantmill.verify.backends import detect_format, open_backend
 from quantmill.verify.backends.base import BackendOptions, ChunkLogProbs
 from quantmill.verify.logprob_store import (
@@ -307,7 +308,8 @@ def verify_artifacts(
     tokenizer = load_reference_tokenizer(reference_dir)
     plan = prepare_tokens(text, tokenizer, n_ctx, max_chunks)
     for path in artifacts:
-        detect_format(Path(path))  # fail on a bad path before hours of work, not after
+        if detect_format(Path(path)) == "gguf":  # fail on a bad path or a family llama.cpp cannot run, before hours of work
+            summarize_gguf(Path(path)).require("verify-gguf")
     ordered: list[Path] = []
     for path in map(Path, artifacts):
         if path.resolve() != reference_dir.resolve() and all(path.resolve() != seen.resolve() for seen in ordered):

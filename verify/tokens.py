@@ -39,19 +39,14 @@ class ReferenceTokenizer:
 
 
 def load_reference_tokenizer(reference_dir: str | Path) -> ReferenceTokenizer:
-    """``REF_DIR/tokenizer.json`` with the BOS policy of ``tokenizer_config.json`` (else its post-processor)."""
-    from tokenizers import Tokenizer
-
+    """``REF_DIR/tokenizer.json`` (else one made from tokenizer.model) with the BOS policy of ``tokenizer_config.json``."""
     reference_dir = Path(reference_dir)
     if not reference_dir.is_dir():
         raise InputFileError(reference_dir, "no such directory", "pass --reference the fp16 reference checkpoint directory")
+    from quantmill.convert.fast_tokenizer import load_fast_tokenizer
+
     path = reference_dir / "tokenizer.json"
-    if not path.is_file():
-        raise InputFileError(path, "missing", "pass --reference a Hugging Face checkpoint directory that has tokenizer.json")
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as exc:  # tokenizers raises plain Exception subclasses from Rust
-        raise InputFileError(path, f"cannot be parsed ({exc})", "re-create the reference tokenizer") from exc
+    tokenizer = load_fast_tokenizer(reference_dir)
     return ReferenceTokenizer(path, tokenizer, _bos_id(reference_dir, tokenizer))
 
 

@@ -1,82 +1,53 @@
-"""Architecture registry for HF → GGUF conversion.
+"""The architecture registry: one record per model family, registered by plain import.
 
-Each model family is one module in this package that defines an ``Architecture``
-subclass and registers it with ``@register(...)`` under its Hugging Face
-``architectures`` names and ``model_type`` values. An architecture says which GGUF
-architecture it becomes, how HF tensor names map to GGUF names, which per-tensor
-transforms apply (as row permutations, so tensors can be streamed in row chunks),
-which tensors it generates (such as ``rope_freqs``), which hyper-parameter keys it
-writes, which tokenizer kinds it accepts and which vocabulary adjustments it needs.
+Each family module (``llama.py``, ``falcon.py``, ``lckv.py``, ``qwen.py``) defines one
+:class:`~quantmill.convert.arch.base.Architecture` subclass and decorates it with
+``@register(HF architecture names..., model_types=(...))``; the imports at the bottom of this
+module are the whole list of families. Registering a name twice raises. Every stage looks a
+model up here (:func:`for_config`) and asks its record, never a table of its own.
 """
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
-import gguf
-import numpy as np
-
+from quantmill.convert.arch.base import (
+    CAPABILITIES,
+    Architecture,
+    DecoderSpec,
+    GgufToHfSpec,
+    HParams,
+    PreNormLayout,
+    RowTransform,
+)
 from quantmill.errors import InputFileError, UnsupportedError
 
-HParams = dict[str, Any]
-# (hparams, tensor shape) -> row order: output row i is input row perm[i].
-RowTransform = Callable[[HParams, tuple[int, ...]], np.ndarray]
-
-# Modules that register architectures; imported on first lookup.
-ARCH_MODULES: tuple[str, ...] = ("quantmill.convert.arch.llama", "quantmill.convert.arch.falcon", "quantmill.convert.arch.lckv")
-
-
-class Architecture:
-    """Describes how one model family converts. Subclasses set the class attributes."""
-
-    gguf_arch: ClassVar[gguf.MODEL_ARCH]
-    # Per GGUF tensor kind, a row permutation applied before writing.
-    row_transforms: ClassVar[Mapping[gguf.MODEL_TENSOR, RowTransform]] = {}
-    # Tokenizer kinds this family ships with (see quantmill.convert.vocab.VOCAB_KINDS).
-    vocab_kinds: ClassVar[tuple[str, ...]] = ("sentencepiece", "bpe")
-    # HF tensors that carry no weights llama.cpp needs.
-    skip_suffixes: ClassVar[tuple[str, ...]] = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
-
-    @property
-    def gguf_name(self) -> str:
-        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
-
-    def read_hparams(self, config: dict[str, Any], config_path: Path) -> HParams:
-        """Validate config.json and fill the defaults transformers would apply."""
-        raise NotImplementedError
-
-    def block_count(self, hparams: HParams) -> int:
-        return int(hparams["num_hidden_layers"])
-
-    def check_checkpoint(self, hparams: HParams, tensor_names: set[str], model_dir: Path) -> None:
-        """Refuse a checkpoint whose tensors contradict its config (before anything is written)."""
-
-    def tensor_name_map(self, hparams: HParams) -> gguf.TensorNameMap:
-        return gguf.get_tensor_name_map(self.gguf_arch, self.block_count(hparams))
-
-    def extra_tensors(self, hparams: HParams) -> list[tuple[gguf.MODEL_TENSOR, np.ndarray]]:
-        """Tensors generated from the config (written before the checkpoint's own)."""
-        return []
-
-    def write_hparams(self, writer: gguf.GGUFWriter, hparams: HParams, file_type: gguf.LlamaFileType) -> None:
-        raise NotImplementedError
-
-    def adjust_vocab_keys(self, writer: gguf.GGUFWriter, hparams: HParams) -> None:
-        """Architecture-specific tokenizer keys written after the vocabulary."""
-
+__all__ = [
+    "CAPABILITIES", "Architecture", "DecoderSpec", "GgufToHfSpec", "HParams", "PreNormLayout", "RowTransform",
+    "families", "for_config", "for_gguf", "register", "resolve", "supported_architectures",
+]
 
 A = TypeVar("A", bound=type[Architecture])
 _BY_ARCHITECTURE: dict[str, Architecture] = {}
 _BY_MODEL_TYPE: dict[str, Architecture] = {}
+_FAMILIES: dict[str, Architecture] = {}
 
 
 def register(*hf_architectures: str, model_types: tuple[str, ...] = ()) -> Callable[[A], A]:
-    """Class decorator: register one instance under HF ``architectures`` names and ``model_type`` values."""
+    """Class decorator: register one record under HF ``architectures`` names and ``model_type`` values."""
 
     def wrap(cls: A) -> A:
+        if cls.name in _FAMILIES:
+            raise ValueError(f"architecture family {cls.name!r} is registered twice ({cls.__name__})")
+        for table, names, what in ((_BY_ARCHITECTURE, hf_architectures, "HF architecture"), (_BY_MODEL_TYPE, model_types, "model_type")):
+            for name in names:
+                if name in table:
+                    raise ValueError(f"{what} {name!r} is registered twice ({table[name].name} and {cls.name})")
+        cls.hf_architectures = tuple(hf_architectures)
+        cls.model_types = tuple(model_types)
         instance = cls()
+        _FAMILIES[cls.name] = instance
         for name in hf_architectures:
             _BY_ARCHITECTURE[name] = instance
         for name in model_types:
@@ -86,19 +57,17 @@ def register(*hf_architectures: str, model_types: tuple[str, ...] = ()) -> Calla
     return wrap
 
 
-def _load_all() -> None:
-    for module in ARCH_MODULES:
-        importlib.import_module(module)
+def families() -> list[Architecture]:
+    """Every registered record, sorted by family name."""
+    return [_FAMILIES[name] for name in sorted(_FAMILIES)]
 
 
 def supported_architectures() -> list[str]:
-    _load_all()
     return sorted(_BY_ARCHITECTURE)
 
 
-def resolve(config: dict[str, Any], config_path: Path) -> tuple[str, Architecture]:
-    """The registered architecture for a config.json, by ``architectures`` then ``model_type``."""
-    _load_all()
+def resolve(config: Mapping[str, Any], config_path: Path) -> tuple[str, Architecture]:
+    """The registered record for a config.json, by ``architectures`` then ``model_type``, with the name matched."""
     names = config.get("architectures")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         raise InputFileError(config_path, "field 'architectures' must be a list of strings", "fix config.json")
@@ -112,3 +81,28 @@ def resolve(config: dict[str, Any], config_path: Path) -> tuple[str, Architectur
     raise UnsupportedError(
         f"{config_path}: architecture {asked} is not supported; supported: {', '.join(supported_architectures())}"
     )
+
+
+def for_config(config: Mapping[str, Any], config_path: Path) -> Architecture:
+    """The record for a config.json (see :func:`resolve`)."""
+    return resolve(config, config_path)[1]
+
+
+def for_gguf(gguf_arch: str, keys: Collection[str], path: Path | str) -> Architecture:
+    """The record of a GGUF file: by ``general.architecture``, then by the family's own key prefix.
+
+    Families that write their layout under their own prefix inside another family's GGUF
+    architecture (LCKV's ``lckv.*`` keys in a ``llama`` file) are told apart by that prefix.
+    """
+    candidates = [a for a in families() if a.gguf_name == gguf_arch]
+    marked = [a for a in candidates if a.gguf_key_prefix and any(k.startswith(a.gguf_key_prefix) for k in keys)]
+    plain = [a for a in candidates if not a.gguf_key_prefix]
+    found = marked or plain
+    if not found:
+        known = sorted({a.gguf_name for a in families()})
+        raise UnsupportedError(f"{path}: GGUF architecture {gguf_arch!r} is not supported (supported: {', '.join(known)})")
+    return found[0]
+
+
+# The families: importing a module registers its record (order does not matter; duplicates raise).
+from quantmill.convert.arch import falcon, lckv, llama, qwen  # noqa: E402,F401

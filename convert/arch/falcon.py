@@ -28,13 +28,15 @@ in the falcon graph and are refused.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 
-from quantmill.convert.arch import Architecture, HParams, register
+from quantmill.convert.arch import register
+from quantmill.convert.arch.base import Architecture, DecoderSpec, HParams
 from quantmill.convert.arch.llama import check_rope_type, rope_parameters_from_config, write_rope_keys
 from quantmill.errors import InputFileError, UnsupportedError
 
@@ -122,11 +124,40 @@ def _reorder_qkv(hp: HParams, shape: tuple[int, ...]) -> np.ndarray:
     return qkv_row_order(n_head, kv_heads(hp), hp["hidden_size"] // n_head)
 
 
+def _falcon_classes() -> tuple[Any, Any, Any]:
+    from transformers.models.falcon import modeling_falcon
+
+    return modeling_falcon.FalconConfig, modeling_falcon.FalconDecoderLayer, modeling_falcon.FalconRotaryEmbedding
+
+
+# Falcon's layer is parallel: out = h + attn(norm_a(h)) + mlp(norm_m(h)) (7B: one norm for both;
+# 40B: ln_attn and ln_mlp). The four linears are four true-sequential groups, as GPTQModel's
+# RefinedWeb definition has them; the generic flow walks them with forward hooks.
+FALCON_GROUPS = (
+    ("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",),
+)
+FALCON_DECODER = DecoderSpec(
+    _falcon_classes, FALCON_GROUPS, flow="generic", embed_weight="transformer.word_embeddings.weight",
+    layer_prefix="transformer.h.{index}.", layer_kwargs={"alibi": None, "attention_mask": None},
+)
+
+
 @register("FalconForCausalLM", "RWForCausalLM", model_types=("falcon", *REFINEDWEB_TYPES))
 class FalconArchitecture(Architecture):
+    """Falcon 7B-style (multi-query), 40B-style (new decoder architecture) and RefinedWeb configs."""
+
+    name = "falcon"
+    stages = frozenset({"convert", "merge", "bake", "statistics", "gptq", "gguf-quantize", "verify-gguf", "verify-torch"})
     gguf_arch = gguf.MODEL_ARCH.FALCON
     row_transforms = {T.ATTN_QKV: _reorder_qkv}
     vocab_kinds = ("bpe",)
+    decoder = FALCON_DECODER
+
+    def transformers_config(self, config: Mapping[str, Any], config_path: Path) -> dict[str, Any]:
+        """RefinedWeb configs as transformers' Falcon fields (their ``auto_map`` code is never run)."""
+        if config.get("model_type") in REFINEDWEB_TYPES:
+            return refinedweb_to_falcon(dict(config), config_path)
+        return dict(config)
 
     def read_hparams(self, config: dict[str, Any], config_path: Path) -> HParams:
         hp = falcon_config(config, config_path)

@@ -11,14 +11,41 @@ from typing import Any
 
 import gguf
 
-from quantmill.convert.arch import HParams, register
+from quantmill.convert.arch import register
+from quantmill.convert.arch.base import DecoderSpec, HParams
 from quantmill.convert.arch.extra_keys import add_value
 from quantmill.convert.arch.llama import LlamaArchitecture
 from quantmill.convert.lckv.config import MODEL_TYPE, check_kv_tensors, parse_lckv
 
 
+def _lckv_classes() -> tuple[Any, Any, Any]:
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from quantmill.convert.lckv.model import LckvDecoderLayer, LckvLlamaConfig
+
+    return LckvLlamaConfig, LckvDecoderLayer, LlamaRotaryEmbedding
+
+
 @register("LCKVLlamaForCausalLM", model_types=(MODEL_TYPE,))
 class LckvLlamaArchitecture(LlamaArchitecture):
+    """LCKV: layers that compute no KV attend to another layer's (quantmill's own reference forward).
+
+    No runtime runs LCKV: the GGUF carries the weights and the layout, but libllama cannot quantize
+    or run it, and verify runs the float and GPTQ checkpoints on quantmill's reference forward.
+    k/v are not in the linear groups: the LCKV flow quantizes them with q where a layer has them.
+    """
+
+    name = MODEL_TYPE
+    stages = frozenset({"convert", "merge", "bake", "gptq", "verify-torch"})  # no plain layer pass: a layer needs another's KV
+    decoder = DecoderSpec(
+        _lckv_classes,
+        (("self_attn.q_proj",), ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+        flow="lckv",
+    )
+    gguf_to_hf = None
+    gguf_key_prefix = "lckv."
+    torch_runtime = "lckv"
+
     def read_hparams(self, config: dict[str, Any], config_path: Path) -> HParams:
         spec = parse_lckv(config, config_path)
         hp = super().read_hparams(config, config_path)

@@ -19,13 +19,15 @@ support for it; any other type is refused.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 
-from quantmill.convert.arch import Architecture, HParams, register
+from quantmill.convert.arch import register
+from quantmill.convert.arch.base import Architecture, DecoderSpec, GgufToHfSpec, HParams, PreNormLayout
 from quantmill.convert.arch.extra_keys import add_config_fields
 from quantmill.errors import InputFileError, UnsupportedError
 
@@ -112,13 +114,52 @@ def llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> np.ndarray:
     return np.array(factors, dtype=f32)
 
 
+def _llama_classes() -> tuple[Any, Any, Any]:
+    from transformers.models.llama import modeling_llama
+
+    return modeling_llama.LlamaConfig, modeling_llama.LlamaDecoderLayer, modeling_llama.LlamaRotaryEmbedding
+
+
+def _llama_model_class() -> Any:
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM
+
+
+# The llama decoder layer: h' = h + attn(norm1(h)), out = h' + mlp(norm2(h')).
+LLAMA_LAYOUT = PreNormLayout(
+    attn_norm="input_layernorm", attn="self_attn", attn_out="self_attn.o_proj",
+    mlp_norm="post_attention_layernorm", mlp="mlp", mlp_out="mlp.down_proj",
+    attn_in=("self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"), mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+)
+LLAMA_STAGES = frozenset(
+    {"convert", "gguf-to-hf", "merge", "bake", "statistics", "gptq", "gguf-quantize", "verify-gguf", "verify-torch"}
+)
+
+
 @register(
     "LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM", "LongLlamaForCausalLM",
     model_types=("llama", "mistral", "longllama"),
 )
 class LlamaArchitecture(Architecture):
+    """Llama 1/2/3/3.1, Mistral, TinyLlama, OpenLLaMA and LongLLaMA (as plain llama)."""
+
+    name = "llama"
+    stages = LLAMA_STAGES
     gguf_arch = gguf.MODEL_ARCH.LLAMA
     row_transforms = {T.ATTN_Q: _permute_q, T.ATTN_K: _permute_k}
+    decoder = DecoderSpec(_llama_classes, LLAMA_LAYOUT.groups, flow="pre-norm", pre_norm=LLAMA_LAYOUT)
+    gguf_to_hf = GgufToHfSpec(
+        "llama", "LlamaForCausalLM", _llama_model_class,
+        permuted_rows={"attn_q.weight": "num_attention_heads", "attn_k.weight": "num_key_value_heads"},
+    )
+
+    def transformers_config(self, config: Mapping[str, Any], config_path: Path) -> dict[str, Any]:
+        """Mistral and LongLLaMA run as transformers' llama/mistral classes; LongLLaMA's FoT fields are ignored there."""
+        out = dict(config)
+        if out.get("model_type") == "longllama":
+            out["model_type"] = "llama"
+        return out
 
     def read_hparams(self, config: dict[str, Any], config_path: Path) -> HParams:
         model_type = config.get("model_type")

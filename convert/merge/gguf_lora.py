@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantmill.atomic import atomic_file
+from quantmill.outputs import check_output, gguf_signature
 from quantmill.convert.merge.adapter import Adapter, LoraModule, load_adapter
 from quantmill.convert.merge.plan import EMBEDDING_PAIRS, Replace, build_plan
 from quantmill.errors import UnsupportedError, UserInputError
@@ -138,6 +139,9 @@ def export_lora_gguf(
     if outtype not in OUTTYPES:
         raise UserInputError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}; pick one of them")
     base_dir, outfile = Path(base_dir), Path(outfile)
+    inputs = [Path(adapter_dir), base_dir, *(p for d in (Path(adapter_dir), base_dir) if d.is_dir()
+                                             for p in d.iterdir() if p.is_file())]
+    check_output(outfile, kind="file", flag="--outfile", command="lora-to-gguf", inputs=inputs, owned=gguf_signature)
     config = _config(base_dir)
     _, arch = resolve(config, base_dir / "config.json")
     hparams = arch.read_hparams(config, base_dir / "config.json")

@@ -253,7 +253,7 @@ def merge_adapters(
         raise UserInputError("no adapter given; pass --adapter DIR at least once")
     if out_dir.resolve() == base_dir.resolve() or any(out_dir.resolve() == Path(a).resolve() for a, _ in adapters):
         raise UserInputError(f"--out {out_dir} is an input directory; choose a new output directory")
-    refuse_unrelated_dir(out_dir, METADATA_NAME, "merge")
+    refuse_unrelated_dir(out_dir, METADATA_NAME, "merge", (base_dir, *(Path(a) for a, _ in adapters)))
     config = _read_json(base_dir / "config.json", "pass a Hugging Face model directory with its config.json")
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(Checkpoint(base_dir))

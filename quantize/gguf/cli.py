@@ -18,7 +18,7 @@ def _type_help() -> str:
 @click.command("gguf")
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--type", "type_name", required=True, metavar="TYPE", help=_type_help())
-@click.option("--out", "output", type=click.Path(path_type=Path, dir_okay=False), default=None,
+@click.option("--out", "output", type=click.Path(path_type=Path), default=None,
               help="Output file [default: the input's name with its type suffix replaced, e.g. X-F16.gguf → X-Q4_K_M.gguf].")
 @click.option("--override-tensor", "overrides", multiple=True, metavar="REGEX=TYPE",
               help="Give tensors whose name matches REGEX the ggml type TYPE (e.g. 'ffn_down=Q6_K'); repeatable, first match wins.")

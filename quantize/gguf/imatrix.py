@@ -71,17 +71,17 @@ class Imatrix:
 
 
 @functools.cache
-def _tensor_name_map(gguf_arch: str, n_layers: int) -> Any:
+def _tensor_name_map(gguf_arch: Any, n_layers: int) -> Any:
     import gguf
 
-    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[gguf_arch], n_layers)  # slow to build: once per model
+    return gguf.get_tensor_name_map(gguf_arch, n_layers)  # slow to build: once per model
 
 
-def gguf_weight_name(gguf_arch: str, hf_linear: str, n_layers: int) -> str:
+def gguf_weight_name(gguf_arch: Any, hf_linear: str, n_layers: int) -> str:
     """``model.layers.3.self_attn.q_proj`` -> ``blk.3.attn_q.weight`` via gguf-py's tensor-name map."""
     mapped = _tensor_name_map(gguf_arch, n_layers).get_name(hf_linear)
     if mapped is None:
-        raise KeyError(f"no GGUF name for {hf_linear!r} in gguf-py's {gguf_arch} tensor map")
+        raise KeyError(f"no GGUF name for {hf_linear!r} in gguf-py's {gguf_arch.name} tensor map")
     return f"{mapped}.weight"
 
 

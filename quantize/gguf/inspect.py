@@ -53,6 +53,14 @@ class GGUFSummary:
     file_type: int | None
     tensors: tuple[TensorInfo, ...]
     by_type: dict[str, TypeTotals] = field(default_factory=dict)
+    architecture: str = ""  # general.architecture
+    keys: tuple[str, ...] = ()  # every metadata key, in file order
+
+    def require(self, capability: str) -> None:
+        """Refuse a GGUF whose family (its architecture record) cannot go through ``capability``."""
+        from quantmill.convert.arch import for_gguf
+
+        for_gguf(self.architecture, self.keys, self.path).require(capability, self.path)
 
     @property
     def n_elements(self) -> int:
@@ -108,12 +116,15 @@ def summarize_gguf(path: str | Path) -> GGUFSummary:
     )
     file_type_field = reader.fields.get("general.file_type")
     file_type = int(file_type_field.contents()) if file_type_field is not None else None
+    arch_field = reader.fields.get("general.architecture")
     return GGUFSummary(
         path=path,
         file_size=path.stat().st_size,
         file_type=file_type,
         tensors=tensors,
         by_type=_totals_by_type(tensors),
+        architecture=str(arch_field.contents()) if arch_field is not None else "",
+        keys=tuple(k for k in reader.fields if not k.startswith("GGUF.")),
     )
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from gguf.constants import GGMLQuantizationType
 
 from quantmill.atomic import atomic_file
+from quantmill.outputs import check_output, gguf_signature
 from quantmill.errors import ToolError, UnsupportedError, UserInputError
 from quantmill.quantize.gguf.inspect import GGUFSummary, check_gguf_magic, summarize_gguf
 from quantmill.quantize.gguf.types import (
@@ -213,6 +214,8 @@ def _check_request(
         )
     if output.resolve() == source.resolve():
         raise UserInputError(f"{output}: output would overwrite the input; pass --out with another name")
+    inputs = [source] + ([Path(imatrix)] if isinstance(imatrix, (str, Path)) else [])
+    check_output(output, kind="file", flag="--out", command="quantize gguf", inputs=inputs, owned=gguf_signature)
     if overrides and not file_type.is_quantized:
         raise UnsupportedError(
             f"--override-tensor: libllama ignores overrides for --type {file_type.name}; "
@@ -225,6 +228,7 @@ def _check_request(
                 "needs an importance matrix; choose another type"
             )
     summary = summarize_gguf(source)
+    summary.require("gguf-quantize")
     names = [t.name for t in summary.tensors]
     for override in overrides:
         if not any(re.search(override.pattern, name) for name in names):

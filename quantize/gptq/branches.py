@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from quantmill.outputs import check_name
 from quantmill.errors import UserInputError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -27,7 +28,6 @@ SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)  # -1: one group over the whole input 
 DEFAULT_DAMP_PERCENT = 0.01
 DEFAULT_BLOCK_SIZE = 128
 MAIN_BRANCH = "main"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 # flag word in a spec -> (field, value); the spec grammar is: BITS GROUP FLAG*
 FLAG_WORDS: dict[str, tuple[str, bool]] = {
@@ -69,8 +69,8 @@ class BranchSpec:
             raise UserInputError(f"--damp {self.damp_percent}: must be in (0, 1], e.g. 0.01")
         if self.block_size < 1:
             raise UserInputError(f"block size {self.block_size}: must be at least 1")
-        if self.name_override is not None and not _NAME_RE.match(self.name_override):
-            raise UserInputError(f"--branch: branch name {self.name_override!r} must be letters, digits, '.', '_' or '-'")
+        if self.name_override is not None:
+            check_name(self.name_override, "--branch: branch name")
 
     @property
     def maxq(self) -> int:

@@ -16,7 +16,7 @@ BRANCH_HELP = (
 
 @click.command("gptq")
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="directory that receives one sub-directory per branch (e.g. OUT/gptq-4bit-128g-actorder_True)")
 @click.option("--branch", "branches", multiple=True, required=True, help=BRANCH_HELP)
 @click.option("--calib", default=BUNDLED_SPEC, show_default=True,

@@ -100,16 +100,10 @@ def dequantized_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 def plain_config(directory: Path) -> Any:
     """The transformers config of the checkpoint without its quantization_config (no remote code)."""
-    from transformers import AutoConfig
+    from quantmill.convert.arch.hf_config import transformers_config
 
-    config = _read_json(Path(directory) / "config.json")
-    if config.get("auto_map"):
-        raise UnsupportedError(f"{Path(directory) / 'config.json'}: the model needs remote code (auto_map); quantmill never runs it")
-    fields = {k: v for k, v in config.items() if k not in ("quantization_config", "model_type")}
-    try:
-        return AutoConfig.for_model(str(config.get("model_type")), **fields)
-    except ValueError as exc:
-        raise UnsupportedError(f"{Path(directory) / 'config.json'}: {exc}") from exc
+    path = Path(directory) / "config.json"
+    return transformers_config(_read_json(path), path)
 
 
 def load_dequantized_model(directory: Path, dtype: str = "float32") -> torch.nn.Module:

@@ -41,15 +41,16 @@ from quantmill.quantize.gptq.checkpoint import (
     write_configs,
     write_log,
 )
-from quantmill.quantize.gptq.flows import Flow, flow_for
+from quantmill.quantize.gptq.flows import Flow, GenericFlow, PreNormFlow
 from quantmill.quantize.gptq.packing import check_packable, pack_linear
-from quantmill.quantize.layerwise import DEFAULT_BATCH_TOKENS, DecoderArch, LayerwiseRunner, release_freed_memory
+from quantmill.quantize.layerwise import DEFAULT_BATCH_TOKENS, LayerwiseRunner, release_freed_memory
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from quantmill.calib_data.sampling import CalibrationSet
+    from quantmill.convert.arch.base import DecoderSpec
     from quantmill.convert.safetensors_io import Checkpoint
     from quantmill.quantize.gptq.hessian import BlockedHessian as Hessian
 
@@ -108,7 +109,19 @@ class _BranchRun:
     result: BranchResult
 
 
-def _quantize_stacked(layer: nn.Module, index: int, names: list[str], hessian: Hessian, run: _BranchRun, arch: DecoderArch) -> None:
+def flow_for(decoder: DecoderSpec, fast: bool = True) -> Flow | Any:
+    """The flow the architecture's decoder spec names (``fast`` False: the generic hooks, for tests)."""
+    if decoder.flow == "lckv":
+        from quantmill.quantize.gptq.lckv_flow import LckvFlow
+
+        return LckvFlow(decoder.linear_groups)
+    if decoder.flow == "pre-norm" and fast:
+        assert decoder.pre_norm is not None
+        return PreNormFlow(decoder.pre_norm)
+    return GenericFlow(decoder.linear_groups)
+
+
+def _quantize_stacked(layer: nn.Module, index: int, names: list[str], hessian: Hessian, run: _BranchRun, arch: DecoderSpec) -> None:
     import torch
 
     linears = [layer.get_submodule(name) for name in names]
@@ -136,7 +149,7 @@ def _quantize_layer(layer: nn.Module, index: int, run: _BranchRun, runner: Layer
     def quantize(group: Sequence[str], hessians: dict[str, Hessian]) -> None:
         for hessian in {id(h): h for h in hessians.values()}.values():  # each shared input once, in group order
             names = [name for name in group if hessians[name] is hessian]
-            _quantize_stacked(layer, index, names, hessian, run, runner.arch)
+            _quantize_stacked(layer, index, names, hessian, run, runner.decoder)
 
     flow.run(layer, run.hidden, runner, quantize, run.spec.true_sequential)
 
@@ -146,8 +159,8 @@ def check_model(ckpt: Checkpoint, runner: LayerwiseRunner) -> None:
     from quantmill.errors import InputFileError
 
     for index in range(runner.n_layers):
-        for linear in runner.arch.linear_names:
-            name = f"{runner.arch.hf_linear_name(index, linear)}.weight"
+        for linear in runner.decoder.linear_names:
+            name = f"{runner.decoder.hf_linear_name(index, linear)}.weight"
             if name not in ckpt:
                 raise InputFileError(runner.model_dir, f"checkpoint has no tensor {name!r}", "pass a complete checkpoint")
             shape = ckpt.entries[name].shape
@@ -172,7 +185,7 @@ def quantize_branches(
         raise UserInputError("no GPTQ branch requested; add e.g. --branch 4bit-128g-actorder")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     runner = LayerwiseRunner(model_dir, calibration.token_ids, device=options.device, batch_tokens=options.batch_tokens,
-                             progress=False)
+                             progress=False, capability="gptq")
     if options.bound_heap:
         bound_heap_growth()
     results = [BranchResult(spec, out_dir / spec.name) for spec in branches]
@@ -189,7 +202,7 @@ def quantize_branches(
         for i, run in enumerate(runs):
             run.hidden = runner.hidden if i == len(runs) - 1 else runner.hidden.clone()
         runner.hidden = torch.empty(0)
-        flow = flow_for(runner.arch.model_type, runner.arch.linear_groups, options.fast_flow)
+        flow = flow_for(runner.decoder, options.fast_flow)
         bar = tqdm(total=runner.n_layers * len(runs), desc="gptq", unit="layer", disable=not options.progress)
         for index in range(runner.n_layers):
             float_layer = runner._load_layer(ckpt, index)  # adapter: one layer from the memory map
@@ -215,5 +228,7 @@ def _finish_branch(run: _BranchRun, ckpt: Checkpoint, model_dir: Path, runner: L
     directory = run.writer.directory
     run.result.files = run.writer.finish(ckpt, options.max_shard_bytes)
     meta = {"calibration": calibration.record(), **run.result.meta()}
-    write_configs(directory, model_dir, runner.raw_config, quantization_config(run.spec, meta))
+    # the config stock loaders read (a RefinedWeb config becomes transformers' Falcon one, LongLLaMA plain llama)
+    config = runner.arch.transformers_config(runner.raw_config, model_dir / "config.json")
+    write_configs(directory, model_dir, config, quantization_config(run.spec, meta))
     write_log(directory, {r.name: r.as_json() for r in sorted(run.result.records, key=lambda r: r.name)})

@@ -2,28 +2,29 @@
 
 A flow calls ``quantize(names, hessians)`` once per true-sequential group, with XᵀX of the
 inputs of those linears over the branch's hidden states (linears fed the same tensor share one
-Hessian), and leaves the layer's outputs in ``hidden``. Two flows, chosen by ``flow_for``:
+Hessian), and leaves the layer's outputs in ``hidden``. The architecture record's decoder spec
+names its flow (``flow`` and, for the pre-norm walk, its ``pre_norm`` layout); the engine picks it:
 
-* ``PreNormFlow`` (llama family, ``PRE_NORM_LAYOUTS``): the layer is
+* ``PreNormFlow`` (the llama family and Qwen): the layer is
   ``h' = h + attn(norm1(h))``, ``out = h' + mlp(norm2(h'))``, so nothing is computed twice:
   q/k/v read ``norm1(h)``; o_proj's inputs are computed once with the quantized q/k/v and kept;
   ``h'`` is then formed in place with the quantized o_proj; gate/up read ``norm2(h')``;
   down_proj's inputs are computed once with the quantized gate/up (and kept when they fit
   ``KEEP_BYTES``, else recomputed); the output is ``h' + down(...)``.
-* ``GenericFlow``: any decoder layer; per group the layer runs until that group's inputs have
+* ``GenericFlow`` (Falcon's parallel layer, any other): per group the layer runs until that group's inputs have
   been seen (the rest of the forward is skipped), then once more, whole, for its outputs.
   Without true-sequential, one forward collects every group's inputs from the float layer.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from quantmill.convert.arch.base import PreNormLayout
     from quantmill.quantize.gptq.hessian import BlockedHessian as Hessian
     from quantmill.quantize.layerwise import LayerwiseRunner
 
@@ -97,7 +98,7 @@ class GenericFlow:
                     batch_inputs.clear()
                     pending.update(names)
                     try:
-                        layer(batch, position_embeddings=runner.position_embeddings(batch.shape[0]))
+                        runner.forward_layer(layer, batch)
                     except _StopForward:
                         continue
                     raise RuntimeError(f"decoder layer never called {sorted(pending)}; this is a quantmill bug")
@@ -114,31 +115,7 @@ class GenericFlow:
         with torch.inference_mode():
             for rows in _batches(hidden, runner):
                 batch = hidden[rows]
-                out = layer(batch, position_embeddings=runner.position_embeddings(batch.shape[0]))
-                batch.copy_(out[0] if isinstance(out, tuple) else out)
-
-
-@dataclass(frozen=True)
-class PreNormLayout:
-    """Module names of a pre-norm residual decoder layer and its four true-sequential groups."""
-
-    attn_norm: str
-    attn: str
-    attn_out: str
-    mlp_norm: str
-    mlp: str
-    mlp_out: str
-    attn_in: tuple[str, ...]
-    mlp_in: tuple[str, ...]
-
-
-PRE_NORM_LAYOUTS: dict[str, PreNormLayout] = {
-    "llama": PreNormLayout(
-        attn_norm="input_layernorm", attn="self_attn", attn_out="self_attn.o_proj",
-        mlp_norm="post_attention_layernorm", mlp="mlp", mlp_out="mlp.down_proj",
-        attn_in=("self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"), mlp_in=("mlp.gate_proj", "mlp.up_proj"),
-    ),
-}
+                batch.copy_(runner.forward_layer(layer, batch))
 
 
 def _capture_input(target: nn.Module, call: Callable[[], Any]) -> torch.Tensor:
@@ -222,26 +199,7 @@ class PreNormFlow:
                 hidden[rows] += mlp_out(kept[i]) if keep else mlp(mlp_norm(hidden[rows]))
 
     def groups(self) -> tuple[tuple[str, ...], ...]:
-        lay = self.layout
-        return (lay.attn_in, (lay.attn_out,), lay.mlp_in, (lay.mlp_out,))
+        return self.layout.groups
 
 
 Flow = GenericFlow | PreNormFlow
-
-
-# Architectures whose layers need a flow of their own: model_type -> (module, class), imported on use.
-MODEL_FLOWS: dict[str, tuple[str, str]] = {
-    "lckv-llama": ("quantmill.quantize.gptq.lckv_flow", "LckvFlow"),
-}
-
-
-def flow_for(model_type: str, groups: tuple[tuple[str, ...], ...], fast: bool = True) -> Flow:
-    """The architecture's own flow if it has one; else the pre-norm flow where a layout is registered (and
-    ``fast``), else the generic one."""
-    if model_type in MODEL_FLOWS:
-        import importlib
-
-        module, name = MODEL_FLOWS[model_type]
-        return getattr(importlib.import_module(module), name)(groups)  # type: ignore[no-any-return]
-    layout = PRE_NORM_LAYOUTS.get(model_type)
-    return PreNormFlow(layout) if fast and layout is not None else GenericFlow(groups)

@@ -19,16 +19,32 @@ def bundled_recipe(name: str) -> str:
 
 
 @click.command("init")
-@click.argument("path", type=click.Path(path_type=Path, dir_okay=False), default=Path("release.yaml"))
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False), required=False)
 @click.option("--default", "default", is_flag=True, help="Write the default release (bundled SmolLM2) instead of the commented example.")
+@click.option("--example", "example", metavar="NAME", default=None,
+              help="Write the shipped example recipe NAME (see --list) [default PATH: NAME.yaml].")
+@click.option("--list", "list_only", is_flag=True, help="List the shipped example recipes and exit.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
-def init(path: Path, default: bool, force: bool) -> None:
+def init(path: Path | None, default: bool, example: str | None, list_only: bool, force: bool) -> None:
     """Write a commented example recipe to PATH [default: release.yaml]."""
     from quantmill.atomic import write_text_atomic
+    from quantmill.errors import UserInputError
+    from quantmill.recipes import example_text, list_examples
 
+    if list_only:
+        rows = list_examples()
+        width = max((len(name) for name, _ in rows), default=0)
+        for name, description in rows:
+            click.echo(f"{name:<{width}}  {description}")
+        return
+    if example is not None and default:
+        raise UserInputError("--example and --default: choose one")
+    text = example_text(example) if example is not None else bundled_recipe(DEFAULT_RECIPE if default else EXAMPLE_RECIPE)
+    if path is None:
+        path = Path(f"{example}.yaml" if example is not None else "release.yaml")
     if path.exists() and not force:
         raise OutputError(f"{path}: already exists; pass --force to overwrite it or choose another name")
-    write_text_atomic(path, bundled_recipe(DEFAULT_RECIPE if default else EXAMPLE_RECIPE))
+    write_text_atomic(path, text)
     click.echo(f"wrote {path}; edit it, then: quantmill run {path} --dry-run")
 
 
@@ -44,6 +60,7 @@ def _echo_json(data: object) -> None:
 @click.option("--force", is_flag=True, help="Accept (and publish) artifacts whose verification failed.")
 def run(recipe: Path, dry_run: bool, as_json: bool, no_publish: bool, force: bool) -> None:
     """Build the release RECIPE describes: resumable, a repeated run does nothing."""
+    from quantmill.redact import redact
     from quantmill.pipeline.runner import format_plan, run_recipe
     from quantmill.recipe_load import load_recipe
 
@@ -62,7 +79,7 @@ def run(recipe: Path, dry_run: bool, as_json: bool, no_publish: bool, force: boo
     verdict = {None: "not run", True: "passed", False: "FAILED (see verify/report.md)"}[report.verification_passed]
     click.echo(f"release: {report.output_dir} (verification {verdict}); log: {report.work_dir / 'quantmill.log'}")
     for item in report.published:
-        click.echo(f"published {item['target']} {item['repo']} {item['branch']}: {item['status']}")
+        click.echo(redact(f"published {item['target']} {item['repo']} {item['branch']}: {item['status']}"))
 
 
 @click.command("reproduce")
@@ -72,12 +89,11 @@ def run(recipe: Path, dry_run: bool, as_json: bool, no_publish: bool, force: boo
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 def reproduce(manifest: Path, work_dir: Path | None, as_json: bool) -> None:
     """Re-run MANIFEST's recipe and report, file by file, whether every sha256 is identical."""
-    from quantmill.manifest import read_manifest
-    from quantmill.pipeline.reproduce import NotReproducedError
+    from quantmill.pipeline.reproduce import NotReproducedError, read_reproducible
     from quantmill.pipeline.reproduce import reproduce as run_reproduce
 
     if work_dir is None:
-        work_dir = Path(f"reproduce-{read_manifest(manifest)['recipe_sha256'][:12]}")
+        work_dir = Path(f"reproduce-{read_reproducible(manifest)['recipe_sha256'][:12]}")
     report = run_reproduce(manifest, work_dir, progress=sys.stderr.isatty() and not as_json)
     if as_json:
         _echo_json(report.as_json())

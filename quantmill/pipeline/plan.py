@@ -143,7 +143,9 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
 
     model = add("source", "source", {**source_params, "name": name}, ())
     if recipe.adapters:
-        adapters = [{"files": _hash_dir(loaded.resolve(a.path)), "weight": a.weight} for a in recipe.adapters]
+        from quantmill.pipeline.snapshots import adapter_dir  # a Hub adapter is hashed like a local one: by its files
+
+        adapters = [{"files": _hash_dir(adapter_dir(loaded, a)), "weight": a.weight} for a in recipe.adapters]
         model = add("merge", "merge", {"adapters": adapters}, (model,))
     if recipe.rope is not None:
         model = add("bake", "bake", recipe.rope.model_dump(mode="json"), (model,))

@@ -98,11 +98,12 @@ def _link_tree(src: Path, dst: Path) -> None:
 def _inputs(ctx: StageContext) -> dict[str, str]:
     from quantmill.calib_data.bundled import calibration_files, eval_file
     from quantmill.pipeline.plan import model_files, sha256_file
+    from quantmill.pipeline.snapshots import adapter_dir
 
     loaded, plan = ctx.plan.recipe, ctx.plan
     inputs = {f"source/{name}": sha for name, sha in plan.source_files.items()}
     for i, adapter in enumerate(loaded.recipe.adapters):
-        for path in model_files(loaded.resolve(adapter.path)):
+        for path in model_files(adapter_dir(loaded, adapter)):
             inputs[f"adapters/{i}/{path.name}"] = sha256_file(path)
     uses = [("calibration", loaded.recipe.calibration.corpus, calibration_files())] if "calibrate" in ctx.inputs else []
     if loaded.recipe.verify is not None:

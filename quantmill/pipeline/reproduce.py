@@ -7,13 +7,15 @@ sha256 of the new manifest is compared with the old one.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from quantmill.errors import QuantmillError, UserInputError
+from quantmill.atomic import write_text_atomic
+from quantmill.errors import InputFileError, QuantmillError, UserInputError
 from quantmill.manifest import MANIFEST, FileComparison, compare_files, read_manifest
 
 RECIPE_NAME = "release.yaml"
@@ -53,18 +55,48 @@ class ReproduceReport:
         return out
 
 
+def read_reproducible(manifest_path: Path) -> dict[str, Any]:
+    """The manifest, with what reproduce needs checked (recipe, inputs, outputs, recipe sha256), or one error."""
+    path = Path(manifest_path)
+    old = read_manifest(path)
+    for key in ("recipe", "inputs", "outputs"):
+        if not isinstance(old.get(key), dict):
+            raise InputFileError(path, f"has no {key!r} mapping, so it cannot be reproduced",
+                                 "pass the manifest.json of a release as quantmill wrote it")
+    sha = old.get("recipe_sha256")
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{12,64}", sha):
+        raise InputFileError(path, "has no valid 'recipe_sha256'", "pass the manifest.json of a release as quantmill wrote it")
+    return old
+
+
+def _check_recipe(manifest_path: Path, recipe: dict[str, Any], recipe_path: Path) -> None:
+    """Validate the manifest's recipe as it will run, before anything is written; errors name the manifest."""
+    from quantmill.recipe import LoadedRecipe, RecipeError
+    from quantmill.recipe_load import check_paths, validate_recipe
+
+    where = f"{manifest_path} (its recipe)"
+    validated = validate_recipe(recipe, Path(where))
+    try:
+        check_paths(LoadedRecipe(recipe_path, validated, ""))
+    except RecipeError as exc:
+        raise RecipeError(str(exc).replace(str(recipe_path), where)) from None
+
+
 def reproduce(manifest_path: Path, work_dir: Path, *, progress: bool = False) -> ReproduceReport:
     from quantmill.pipeline.runner import run_recipe
     from quantmill.recipe_load import load_recipe
 
-    old = read_manifest(Path(manifest_path))
+    old = read_reproducible(Path(manifest_path))
     work_dir = Path(work_dir).resolve()
+    if work_dir.exists() and not work_dir.is_dir():
+        raise UserInputError(f"--work-dir {work_dir}: is a file; give a new directory")
     if work_dir.exists() and any(p.name != RECIPE_NAME for p in work_dir.iterdir()):
         raise UserInputError(f"--work-dir {work_dir}: not empty; reproduce needs a fresh work directory")
     recipe = {**old["recipe"], "work_dir": "."}
-    work_dir.mkdir(parents=True, exist_ok=True)
     recipe_path = work_dir / RECIPE_NAME
-    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=True), encoding="utf-8")
+    _check_recipe(Path(manifest_path), recipe, recipe_path)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(recipe_path, yaml.safe_dump(recipe, sort_keys=True))
     loaded = load_recipe(recipe_path)
     run_recipe(loaded, progress=progress, publish=False)
     new = json.loads((loaded.output_dir / MANIFEST).read_text(encoding="utf-8"))

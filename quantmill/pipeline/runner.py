@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from quantmill.atomic import atomic_dir
+from quantmill.redact import RedactingFormatter
 from quantmill.errors import QuantmillError, UserInputError, VerificationFailed
 from quantmill.manifest import MANIFEST, file_records
 from quantmill.pipeline.estimate import disk_needed, free_bytes, plan_table
+from quantmill.pipeline.capabilities import check_capabilities
 from quantmill.pipeline.plan import DONE_FILE, STAGES_DIR, Node, Plan, build_plan
 from quantmill.recipe import LoadedRecipe
+from quantmill.recipe_load import check_release_output
 
 LOG = logging.getLogger("quantmill.pipeline")
 LOG_FILE = "quantmill.log"
@@ -91,6 +94,7 @@ def _check_disk(loaded: LoadedRecipe, needed: int | None, free: int) -> None:
 def prepare(loaded: LoadedRecipe) -> tuple[Plan, RunReport]:
     """Plan, estimate and check the disk; nothing is written."""
     plan = build_plan(loaded)
+    check_capabilities(plan)
     rows = plan_table(plan, loaded.work_dir)
     for row in rows:
         row["status"] = "done" if row.pop("done") else "todo"
@@ -116,7 +120,7 @@ def _locked(work_dir: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _log_file(work_dir: Path) -> Iterator[None]:
     handler = logging.FileHandler(work_dir / LOG_FILE, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger("quantmill")
     previous = root.level
@@ -189,6 +193,7 @@ def run_recipe(loaded: LoadedRecipe, *, dry_run: bool = False, progress: bool = 
         _set_threads(loaded.recipe.threads)
         _run_all(plan, report, work_dir, progress)
         release_dir = plan.node("release").directory(work_dir)
+        check_release_output(loaded)  # again: the output may have appeared while the stages ran
         exported = export_release(release_dir, loaded.output_dir)
         LOG.info("release %s %s", loaded.output_dir, "exported" if exported else "already up to date")
         verification = json.loads((release_dir / MANIFEST).read_text(encoding="utf-8")).get("verification")

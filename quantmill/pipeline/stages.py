@@ -16,6 +16,7 @@ from pathlib import Path
 
 from quantmill.errors import InputFileError
 from quantmill.pipeline.plan import Node, Plan, model_files
+from quantmill.pipeline.snapshots import adapter_dir, hub_snapshot
 from quantmill.recipe import BundledSource, HubSource, LocalSource
 
 LOG = logging.getLogger("quantmill.pipeline")
@@ -75,14 +76,7 @@ def _copy_model(src: Path, dst: Path) -> None:
 
 
 def _hub_snapshot(source: HubSource) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(source.id, revision=source.revision,
-                                      allow_patterns=["*.safetensors", "*.json", "tokenizer.model", "*.txt"]))
-    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types (offline, not found, gated)
-        raise InputFileError(f"hub:{source.id}@{source.revision}", f"cannot be read ({type(exc).__name__})",
-                             "check the id and revision, or download it into the local Hugging Face cache first") from None
+    return hub_snapshot(source.id, source.revision)
 
 
 @stage("source")
@@ -104,7 +98,7 @@ def run_merge(ctx: StageContext) -> None:
     from quantmill.convert.merge.merge import merge_adapters
 
     previous = ctx.inputs[ctx.node.deps[0]] / ctx.plan.release_name
-    adapters = [(ctx.plan.recipe.resolve(a.path), a.weight) for a in ctx.plan.recipe.recipe.adapters]
+    adapters = [(adapter_dir(ctx.plan.recipe, a), a.weight) for a in ctx.plan.recipe.recipe.adapters]
     merge_adapters(previous, adapters, ctx.out / ctx.plan.release_name, progress=ctx.progress)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from quantmill.errors import ToolError, UserInputError
+from quantmill.redact import redact
 from quantmill.publish.layout import RepoBranch, plan_branches
 from quantmill.recipe import GitTarget
 
@@ -29,7 +30,7 @@ def _git(repo: Path, *args: str, stdin: str | None = None, check: bool = True) -
                             check=False)
     if check and result.returncode != 0:
         message = (result.stderr or result.stdout).strip().splitlines()
-        raise ToolError(f"git {args[0]} failed: {message[-1] if message else 'no output'}")
+        raise ToolError(redact(f"git {args[0]} failed: {message[-1] if message else 'no output'}"))
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
@@ -77,7 +78,7 @@ def _check_remote(repo: Path, url: str) -> None:
     result = subprocess.run(["git", "-C", str(repo), "ls-remote", url], capture_output=True, text=True,
                             env={**os.environ, "GIT_TERMINAL_PROMPT": "0"}, check=False)
     if result.returncode != 0:
-        raise UserInputError(f"publish git url {url!r}: not a reachable git repository; create it (git init --bare) "
+        raise UserInputError(f"publish git url {redact(url)!r}: not a reachable git repository; create it (git init --bare) "
                              "or fix the url")
 
 
@@ -95,6 +96,6 @@ def publish_git(target: GitTarget, release_dir: Path, manifest: dict[str, Any], 
         repo = _scratch(work_dir, branch.repo)
         message = f"{manifest['name']}: {branch.branch} (recipe {manifest['recipe_sha256'][:12]})"
         status = push_branch(repo, branch.repo, branch, message)
-        records.append({"target": "git", "repo": branch.repo, "branch": branch.branch, "status": status,
+        records.append({"target": "git", "repo": redact(branch.repo), "branch": branch.branch, "status": status,
                         "files": branch.paths()})
     return records

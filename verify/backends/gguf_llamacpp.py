@@ -52,6 +52,7 @@ class LlamaCppBackend:
         self.path = Path(path)
         self.options = options
         summary = summarize_gguf(self.path)
+        summary.require("verify-gguf")
         if options.device != "cpu":
             raise UserInputError(f"--device {options.device}: the GGUF backend runs on cpu only in this version")
         params = llama_cpp.llama_model_default_params()

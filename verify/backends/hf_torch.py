@@ -47,17 +47,24 @@ def safetensors_sizes(directory: Path) -> tuple[int, int, int]:
     return size, bits, elements
 
 
-def _load_model(path: Path) -> Any:
-    """The checkpoint as an fp32 causal LM, without transformers' loading progress bar."""
+def _load_model(path: Path, config: dict[str, Any]) -> Any:
+    """The checkpoint as an fp32 causal LM of its family's transformers class, without the loading progress bar.
+
+    The config comes from the architecture record (LongLLaMA as llama, RefinedWeb as Falcon), as data.
+    """
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from quantmill.convert.arch.hf_config import transformers_config
+
+    hf_config = transformers_config(config, path / "config.json")
     bar_was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, use_safetensors=True, trust_remote_code=False, local_files_only=True
+            path, config=hf_config, dtype=torch.float32, use_safetensors=True, trust_remote_code=False,
+            local_files_only=True,
         )
     except (OSError, ValueError, KeyError) as exc:
         raise InputFileError(path, f"transformers cannot load it ({exc})", "check the checkpoint") from exc
@@ -86,7 +93,7 @@ class TorchBackend:
         self._torch = torch
         self._config = self._read_config()
         size, bits, elements = safetensors_sizes(self.path)
-        self._model = _load_model(self.path)
+        self._model = _load_model(self.path, self._config)
         self._model.eval()
         n_vocab = int(self._model.get_output_embeddings().weight.shape[0])
         bpw = bits / elements if elements else 0.0
@@ -98,8 +105,6 @@ class TorchBackend:
             config = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise InputFileError(path, f"cannot be parsed ({exc})", "re-create the checkpoint") from exc
-        if config.get("auto_map"):
-            raise UnsupportedError(f"{path}: the model needs remote code (auto_map); quantmill never runs it")
         return config
 
     def close(self) -> None:

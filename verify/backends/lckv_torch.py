@@ -20,13 +20,16 @@ FORMAT = "lckv"
 
 
 def is_lckv_checkpoint(path: Path) -> bool:
-    """Cheap detection (reads config.json only), for the backend registry."""
+    """Cheap detection (reads config.json only): a checkpoint whose architecture record runs on the LCKV forward."""
+    from quantmill.convert.arch import for_config
+    from quantmill.errors import UserInputError
+
     config = Path(path) / "config.json"
     if not (Path(path).is_dir() and config.is_file() and any(Path(path).glob("*.safetensors"))):
         return False
     try:
-        return json.loads(config.read_text(encoding="utf-8")).get("model_type") == "lckv-llama"
-    except (OSError, ValueError, AttributeError):
+        return for_config(json.loads(config.read_text(encoding="utf-8")), config).torch_runtime == "lckv"
+    except (OSError, ValueError, AttributeError, UserInputError):
         return False
 
 
