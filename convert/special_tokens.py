@@ -43,7 +43,7 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFileError(path, f"cannot be read as JSON ({exc})", "re-save the tokenizer files") from exc
+        raise InputFileError(path, f"cannot be read as JSON ({exc})", f"fix or re-save {path.name}") from exc
 
 
 def _token_content(entry: object) -> str | None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from quantmill.convert import ggml_quants
 from quantmill.convert.safetensors_io import Checkpoint, TensorEntry, to_float32
+from quantmill.errors import InputFileError
 
 Q = gguf.GGMLQuantizationType
 CHUNK_ELEMENTS = 1 << 21  # ~8 MB of float32 per chunk
@@ -49,11 +50,26 @@ class PlannedTensor:
         return (self.qtype, self.entry.dtype) in ((Q.F16, "F16"), (Q.F32, "F32"))
 
 
-def encode_rows(rows: np.ndarray, dtype: str, qtype: Q) -> np.ndarray:
-    """Stored rows (``dtype`` is the safetensors code) → GGUF bytes of ``qtype``, as llama.cpp computes them."""
+def check_finite(values: np.ndarray, entry: TensorEntry) -> None:
+    """Refuse NaN/Inf in a chunk of ``entry`` (a float array in its stored or widened dtype)."""
+    if not np.isfinite(values).all():
+        raise InputFileError(entry.file, f"tensor {entry.name!r} holds NaN or infinite values",
+                             "fix or re-export the checkpoint; quantmill never writes non-finite weights")
+
+
+def encode_rows(rows: np.ndarray, dtype: str, qtype: Q, entry: TensorEntry | None = None) -> np.ndarray:
+    """Stored rows (``dtype`` is the safetensors code) → GGUF bytes of ``qtype``, as llama.cpp computes them.
+
+    With ``entry``, NaN/Inf in the rows is refused (naming the tensor) before anything is encoded.
+    """
     if (qtype, dtype) in ((Q.F16, "F16"), (Q.F32, "F32")):
+        if entry is not None:
+            check_finite(rows, entry)
         return np.ascontiguousarray(rows)
-    return ggml_quants.quantize(to_float32(rows, dtype), qtype)
+    widened = to_float32(rows, dtype)
+    if entry is not None:
+        check_finite(widened, entry)
+    return ggml_quants.quantize(widened, qtype)
 
 
 @dataclass
@@ -78,7 +94,7 @@ def _pieces(ckpt: Checkpoint, t: PlannedTensor) -> Iterator[_Piece]:
     src = ckpt.array(entry.name)
     order = t.row_order
     if src.ndim <= 1:
-        yield _Piece(encode=lambda: encode_rows(src[order] if order is not None else src, entry.dtype, t.qtype),
+        yield _Piece(encode=lambda: encode_rows(src[order] if order is not None else src, entry.dtype, t.qtype, entry),
                      done=lambda: ckpt.release(entry.name))
         return
     flat = src.reshape(-1, src.shape[-1]) if order is None else src
@@ -92,11 +108,22 @@ def _pieces(ckpt: Checkpoint, t: PlannedTensor) -> Iterator[_Piece]:
         else:
             rows_of = lambda a=start, b=stop: flat[order[a:b]]
             release = (lambda: ckpt.release(entry.name)) if stop == n_rows else None
-        yield _Piece(encode=lambda r=rows_of: encode_rows(r(), entry.dtype, t.qtype), done=release)
+        yield _Piece(encode=lambda r=rows_of: encode_rows(r(), entry.dtype, t.qtype, entry), done=release)
+
+
+def _check_stored(ckpt: Checkpoint, entry: TensorEntry) -> None:
+    """NaN/Inf check of a tensor copied as it is stored, chunk by chunk through the memory map."""
+    flat = ckpt.array(entry.name).reshape(-1)
+    step = CHUNK_ELEMENTS
+    for start in range(0, flat.size, step):
+        check_finite(flat[start:start + step], entry)
+    del flat
+    ckpt.release(entry.name)
 
 
 def _copy_range(ckpt: Checkpoint, entry: TensorEntry, fout: IO[bytes]) -> None:
     """Append ``entry``'s stored bytes to ``fout`` in the kernel, or through the memory map if it cannot."""
+    _check_stored(ckpt, entry)
     fout.flush()
     src_fd, dst_fd = ckpt.fileno(entry.name), fout.fileno()
     done = 0

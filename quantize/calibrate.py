@@ -39,7 +39,7 @@ def prepare_calibration(
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise InputFileError(model_dir, "model directory not found", "pass a Hugging Face model directory")
-    arch_for(model_dir, read_config(model_dir))
+    arch_for(model_dir, read_config(model_dir), capability=None)  # tokenizing only: the consuming stage checks its own
     check_sizes(samples, seqlen)
     tokenize = load_tokenize(model_dir)
     if calib == GENERATED_SPEC:
@@ -74,6 +74,8 @@ def calibrate_imatrix(
     check_output(out, kind="file", flag="--out", command="calibrate", inputs=_input_files(Path(model_dir), calib),
                  owned=gguf_signature)
     ensure_writable_dir(out.parent)
+    if Path(model_dir).is_dir():
+        arch_for(Path(model_dir), read_config(Path(model_dir)), "statistics")  # the family can run the pass, before any work
     calibration = prepare_calibration(model_dir, calib, samples, seqlen, seed, text_field, progress=progress)
     stats = collect_importance(Path(model_dir), calibration, device=device, progress=progress)
     imatrix = imatrix_from_stats(stats, calibration)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from quantmill.convert.arch import for_config
+from quantmill.convert.arch.fields import check_fields
 from quantmill.errors import InputFileError, UserInputError
 
 if TYPE_CHECKING:
@@ -57,11 +58,12 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
-def arch_for(model_dir: Path, config: Mapping[str, Any], capability: str = "statistics") -> Architecture:
-    """The model's architecture record, refusing a family that cannot go through ``capability``."""
+def arch_for(model_dir: Path, config: Mapping[str, Any], capability: str | None = "statistics") -> Architecture:
+    """The model's architecture record, refusing a family that cannot go through ``capability`` (None: any known family)."""
     config_path = Path(model_dir) / "config.json"
     arch = for_config(config, config_path)
-    arch.require(capability, config_path)
+    if capability is not None:
+        arch.require(capability, config_path)
     return arch
 
 
@@ -74,7 +76,11 @@ def _tensor(ckpt: Checkpoint, name: str, dtype: torch.dtype, device: torch.devic
     entry = ckpt.entries[name]
     view = ckpt.array(name)
     picked = view[rows] if rows is not None else view
-    out = torch.from_numpy(np.ascontiguousarray(to_float32(picked, entry.dtype))).to(device=device, dtype=dtype)
+    widened = np.ascontiguousarray(to_float32(picked, entry.dtype))
+    if not np.isfinite(widened).all():
+        raise InputFileError(entry.file, f"tensor {name!r} holds NaN or infinite values",
+                             "fix or re-export the checkpoint; quantmill never quantizes non-finite weights")
+    out = torch.from_numpy(widened).to(device=device, dtype=dtype)
     del view, picked
     ckpt.release(name)
     return out
@@ -187,6 +193,7 @@ class LayerwiseRunner:
         self.model_dir = Path(model_dir)
         self.raw_config = read_config(self.model_dir)
         self.arch = arch_for(self.model_dir, self.raw_config, capability)
+        check_fields(self.raw_config, self.model_dir / "config.json")
         assert self.arch.decoder is not None  # guaranteed by the capability
         self.decoder: DecoderSpec = self.arch.decoder
         ids = np.asarray(token_ids)

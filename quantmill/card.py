@@ -31,6 +31,10 @@ class GptqBranchInfo:
     dataset: str
     seqlen: int
     size_bytes: int
+    format: str = "gptq"  # checkpoint layout: gptq (v1) or compressed-tensors
+
+
+FORMAT_LABELS = {"gptq": "GPTQ (v1)", "compressed-tensors": "compressed-tensors"}
 
 
 @dataclass(frozen=True)
@@ -61,12 +65,14 @@ class CardSettings:
 
 
 def read_gptq_branch(directory: Path) -> GptqBranchInfo:
-    qconfig = json.loads((directory / "quantize_config.json").read_text(encoding="utf-8"))
+    """The branch's settings from its own files: quantize_config.json (v1) or quantmill_gptq.json (compressed-tensors)."""
+    v1 = directory / "quantize_config.json"
+    qconfig = json.loads((v1 if v1.is_file() else directory / "quantmill_gptq.json").read_text(encoding="utf-8"))
     calibration = qconfig.get("meta", {}).get("calibration", {})
     size = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
     return GptqBranchInfo(directory.name, int(qconfig["bits"]), int(qconfig["group_size"]), bool(qconfig["desc_act"]),
                           float(qconfig["damp_percent"]), str(calibration.get("source", "unknown")),
-                          int(calibration.get("seqlen", 0)), size)
+                          int(calibration.get("seqlen", 0)), size, str(qconfig.get("format", "gptq")))
 
 
 def kv_cache_bytes(model: dict[str, Any]) -> int:
@@ -152,15 +158,16 @@ def _prompt(settings: CardSettings) -> str:
 def gptq_card(settings: CardSettings, branches: list[GptqBranchInfo], published: dict[str, str],
               report: dict[str, Any] | None, repo_id: str, this_branch: str) -> str:
     """README.md of a GPTQ repository; ``published`` maps release names to the branch each is pushed to."""
-    rows = ["| Branch | Bits | GS | Act Order | Damp % | GPTQ Dataset | Seq Len | Size | ExLlama | Desc |",
-            "| ------ | ---- | -- | --------- | ------ | ------------ | ------- | ---- | ------- | ---- |"]
+    rows = ["| Branch | Bits | GS | Act Order | Damp % | GPTQ Dataset | Seq Len | Size | ExLlama | Format | Desc |",
+            "| ------ | ---- | -- | --------- | ------ | ------------ | ------- | ---- | ------- | ------ | ---- |"]
     for b in branches:
         group = "None" if b.group_size == -1 else str(b.group_size)
         desc = (f"{b.bits}-bit, {'with' if b.desc_act else 'without'} Act Order, "
                 f"{'no grouping' if b.group_size == -1 else f'group size {b.group_size}g'}; {_measured(b.name, report)}")
         rows.append(f"| [{published[b.name]}](https://huggingface.co/{repo_id}/tree/{published[b.name]}) | {b.bits} | {group} "
                     f"| {'Yes' if b.desc_act else 'No'} | {b.damp_percent:g} | {b.dataset} | {b.seqlen} | {_size(b.size_bytes)} "
-                    f"| {'Yes' if b.bits == 4 else 'No'} | {desc} |")
+                    f"| {'Yes' if b.bits == 4 and b.format == 'gptq' else 'No'} | {FORMAT_LABELS.get(b.format, b.format)} "
+                    f"| {desc} |")
     example = next((published[b.name] for b in branches if published[b.name] != "main"), this_branch)
     return "\n".join([
         front_matter(settings, "GPTQ"),

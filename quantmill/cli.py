@@ -19,6 +19,7 @@ from quantmill.redact import redact
 # (group path, module, attribute): every command quantmill has, in one table.
 COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("convert",), "quantmill.convert.cli", "hf_to_gguf"),
+    ((), "quantmill.convert.cli", "architectures"),
     (("convert",), "quantmill.convert.cli_source", "gguf_to_hf"),
     (("quantize",), "quantmill.quantize.gguf.cli", "quantize_gguf"),
     ((), "quantmill.verify.cli", "verify"),

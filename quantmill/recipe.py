@@ -71,6 +71,8 @@ class LocalSource(_Strict):
 
     kind: Literal["local"] = "local"
     path: Path
+    # convert pytorch_model*.bin pickles (torch.load weights_only=True) when there are no safetensors
+    allow_pickle: bool = False
 
 
 class HubSource(_Strict):
@@ -79,6 +81,7 @@ class HubSource(_Strict):
     kind: Literal["hub"] = "hub"
     id: str
     revision: str
+    allow_pickle: bool = False  # as for a local source: download and convert pytorch_model*.bin
 
     @field_validator("id")
     @classmethod
@@ -123,9 +126,9 @@ class Adapter(_Strict):
 
 class Rope(_Strict):
     method: str
-    factor: float = Field(gt=1.0)
+    factor: float = Field(gt=1.0, allow_inf_nan=False)
     original_context: int | None = Field(default=None, ge=1)
-    params: dict[str, float] = Field(default_factory=dict)
+    params: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
 
     @field_validator("method")
     @classmethod
@@ -154,12 +157,13 @@ class GptqBranch(_Strict):
     main: bool = False
     dataset: str | None = None  # must agree with calibration.corpus: one pass serves every branch
     seqlen: int | None = None  # must agree with calibration.seqlen
+    format: Literal["gptq", "compressed-tensors"] = "gptq"  # checkpoint layout: v1 (GPTQModel) or vLLM's pack-quantized
 
     def spec(self) -> Any:
         from quantmill.quantize.gptq.branches import BranchSpec
 
         return BranchSpec(bits=self.bits, group_size=self.group_size, desc_act=self.act_order, sym=self.sym,
-                          damp_percent=self.damp)
+                          damp_percent=self.damp, format=self.format)
 
 
 class Gptq(_Strict):

@@ -78,7 +78,7 @@ def _rows(card: str, header: str) -> list[list[str]]:
     return rows
 
 
-GPTQ_HEADER = "| Branch | Bits | GS | Act Order | Damp % | GPTQ Dataset | Seq Len | Size | ExLlama | Desc |"
+GPTQ_HEADER = "| Branch | Bits | GS | Act Order | Damp % | GPTQ Dataset | Seq Len | Size | ExLlama | Format | Desc |"
 GGUF_HEADER = "| Name | Quant method | Bits | Size | Max RAM required | Use case |"
 
 
@@ -97,9 +97,9 @@ def test_gptq_table_is_read_from_the_branches(release: tuple[Path, dict[str, Any
     card = cards[f"gptq/{BRANCH_4}/README.md"]
     rows = {r[0].split("]")[0].lstrip("["): r for r in _rows(card, GPTQ_HEADER)}
     assert set(rows) == {"main", BRANCH_8}  # the variant marked main is published as main
-    assert rows["main"][1:9] == ["4", "32", "Yes", "0.02", "bundled", "256", "3.0 MB", "Yes"]
+    assert rows["main"][1:10] == ["4", "32", "Yes", "0.02", "bundled", "256", "3.0 MB", "Yes", "GPTQ (v1)"]
     assert rows[BRANCH_8][1:9] == ["8", "None", "No", "0.02", "bundled", "256", "5.0 MB", "No"]
-    assert "Δppl +3.00%, passed" in rows["main"][9] and "FAILED verification" in rows[BRANCH_8][9]
+    assert "Δppl +3.00%, passed" in rows["main"][10] and "FAILED verification" in rows[BRANCH_8][10]
     assert "This branch: `main`" in card and f"This branch: `{BRANCH_8}`" in cards[f"gptq/{BRANCH_8}/README.md"]
     assert f"--branch {BRANCH_8} https://huggingface.co/me/Tiny-Chat-GPTQ" in card  # how to download a branch
     # the table follows the files, not the recipe: a bigger file shows a bigger size

@@ -199,6 +199,24 @@ def test_bad_adapter_location_is_one_line(adapter: dict[str, Any], message: str)
 # ---- tiny replicas
 
 
+EMBED_SCALE = 4.0
+
+
+def make_confident(out: Path) -> Path:
+    """Scale the token embedding and make the output layer its copy: the replica then predicts its input token with a
+    clear margin (a random init predicts almost uniformly, so top-1 agreement would be a coin toss among near-ties,
+    which no quantization can be judged by). Shapes, names and dtypes stay as transformers wrote them."""
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(str(out / "model.safetensors"))
+    embed = next(k for k in weights if k.endswith(("embed_tokens.weight", "word_embeddings.weight")))
+    weights[embed] = (weights[embed] * EMBED_SCALE).astype(weights[embed].dtype)
+    if "lm_head.weight" in weights:
+        weights["lm_head.weight"] = weights[embed].copy()
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
 ALFRED_BRANCHES = ["gptq-4bit--1g-actorder_True", "gptq-4bit-128g-actorder_True", "gptq-4bit-32g-actorder_True",
                    "gptq-3bit-128g-actorder_True", "gptq-3bit-32g-actorder_True", "gptq-8bit--1g-actorder_True",
                    "gptq-8bit-128g-actorder_True"]
@@ -215,7 +233,7 @@ def falcon_40b_replica(out: Path, tokenizer_dir: Path) -> Path:
     FalconForCausalLM(config).eval().save_pretrained(out)
     for path in sorted(tokenizer_dir.iterdir()):
         shutil.copy(path, out / path.name)
-    return out
+    return make_confident(out)
 
 
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -229,7 +247,7 @@ def llama31_replica(out: Path, tokenizer_dir: Path) -> Path:
                      initializer_range=0.02, rope_parameters=dict(LLAMA31_ROPE))
     config = json.loads((out / "config.json").read_text())
     assert (config.get("rope_parameters") or config.get("rope_scaling"))["rope_type"] == "llama3", config
-    return out
+    return make_confident(out)
 
 
 def kevin_adapter(base: Path, out: Path) -> Path:
@@ -246,7 +264,8 @@ def kevin_adapter(base: Path, out: Path) -> Path:
 def lckv_replica(out: Path, tokenizer_dir: Path) -> Path:
     from lckv_helpers import build_tiny_lckv
 
-    return build_tiny_lckv(out, tokenizer_dir, vocab_size=BPE_VOCAB, max_position_embeddings=2048, initializer_range=0.02)
+    return make_confident(build_tiny_lckv(out, tokenizer_dir, vocab_size=BPE_VOCAB, max_position_embeddings=2048,
+                                          initializer_range=0.02))
 
 
 FOT_FIELDS = {"mem_layers": [1], "mem_dtype": "bfloat16", "last_context_length": 1024, "mem_attention_grouping": None,
@@ -257,17 +276,12 @@ def longllama_replica(out: Path, tokenizer_dir: Path) -> Path:
     """OpenLLaMA-3B's shape (multi-head attention, untied output) with LongLLaMA's config.json; width 256."""
     build_tiny_llama(out, tokenizer_dir, SP_VOCAB_SIZE, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                      num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False, initializer_range=0.02)
-    # The real repository ships only the SentencePiece model (slow tokenizer); calibration and verify read
-    # tokenizer.json, so the replica carries the fast tokenizer transformers derives from tokenizer.model.
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(out).save_pretrained(out / "fast")
-    shutil.move(out / "fast" / "tokenizer.json", out / "tokenizer.json")
-    shutil.rmtree(out / "fast")
+    # Like the real repository: only the SentencePiece model (no tokenizer.json); calibration and verify use the
+    # fast tokenizer transformers derives from it (quantmill.convert.fast_tokenizer).
     config = json.loads((out / "config.json").read_text())
     config.update(architectures=["LongLlamaForCausalLM"], model_type="longllama", **FOT_FIELDS)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
+    return make_confident(out)
 
 
 # ---- end to end

@@ -245,3 +245,28 @@ def test_refinedweb_checkpoint_is_baked_into_a_transformers_falcon(smollm2_token
     assert json.loads((tmp_path / "rw_baked" / BAKE_RECORD).read_text())["config_translated_from"] == "RefinedWeb"
     tokens = TOKENS[:48]
     assert np.array_equal(transformers_logits(tmp_path / "rw_baked", tokens), transformers_logits(tmp_path / "hf_baked", tokens))
+
+
+@pytest.mark.slow
+def test_falcon_40b_imatrix_loads_in_llama_quantize(smollm2_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """The statistics pass on a Falcon-40B-style replica gives an imatrix llama.cpp's own llama-quantize uses."""
+    import subprocess
+
+    from families import falcon
+    from quantmill.reference_tools import llama_cpp_tool
+
+    binary = llama_cpp_tool("llama-quantize")
+    if not binary.is_file():
+        pytest.skip("llama-quantize is not built: run `bash scripts/llama_cpp_source.sh --build` (scripts/test.sh does)")
+    model = falcon(tmp_path / "f40", smollm2_tokenizer_dir, "float32", new_decoder_architecture=True, num_kv_heads=2,
+                   hidden_size=256)
+    imatrix = tmp_path / "imatrix.gguf"
+    assert cli_main(["calibrate", str(model), "--calib-samples", "4", "--calib-seqlen", "64", "--out", str(imatrix),
+                     "--no-progress"]) == 0
+    [f16] = convert_hf_to_gguf(model, "f16", tmp_path / "f16.gguf", progress=False)
+    done = subprocess.run([str(binary), "--imatrix", str(imatrix), str(f16), str(tmp_path / "q.gguf"), "Q4_K_M", "2"],
+                          capture_output=True, text=True, timeout=300)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-2000:]
+    assert "loaded 8 importance matrix entries" in log  # 4 linears x 2 layers, by their GGUF names
+    assert "imatrix datasets=['bundled']" in log

@@ -247,3 +247,32 @@ def test_smollm2_reference_torch_vs_f16_gguf(tmp_path: Path) -> None:
     assert 5 < ref.ppl < 100
     assert abs(result.delta_ppl_pct(gguf)) < 0.1
     assert 15.9 < gguf.bpw < 16.1
+
+
+def test_a_reference_tokenizer_that_splits_differently_is_reported_and_fails(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """verify scores on the reference's ids; when the GGUF's own tokenizer splits the text otherwise (here: a
+    reference whose pre-tokenizer no longer splits digits one by one), the report says so and the artifact fails."""
+    import shutil
+
+    from quantmill.verify.backends.base import BackendOptions
+    from quantmill.verify.evaluate import verify_artifacts
+    from quantmill.verify.report import markdown_table
+
+    gguf_path, reference = tiny_pair
+    text = tmp_path / "numbers.txt"
+    text.write_text(" ".join(f"item {i * 7919} costs {i * 31}.{i % 97} units" for i in range(600)) + "\n", encoding="utf-8")
+    same = verify_artifacts([gguf_path], reference, text, 64, BackendOptions(threads=1), max_chunks=2)
+    [artifact] = [r for r in same.results if not r.is_reference]
+    assert artifact.tokenization is not None and artifact.tokenization.identical
+
+    other = tmp_path / "other-reference"
+    shutil.copytree(reference, other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+    result = verify_artifacts([gguf_path], other, text, 64, BackendOptions(threads=1), max_chunks=2)
+    [artifact] = [r for r in result.results if not r.is_reference]
+    check = artifact.tokenization
+    assert check is not None and not check.identical and check.difference > 0.01, check
+    assert any("own tokenizer splits the evaluation text differently" in f for f in artifact.failures)
+    assert "its own tokenizer gives" in markdown_table(result)

@@ -34,7 +34,15 @@ from quantmill.verify.logprob_store import (
 )
 from quantmill.verify.metrics import DEFAULT_METRICS, MetricFactory, comparison_metrics, run_metrics
 from quantmill.verify.thresholds import DEFAULT_THRESHOLDS, Threshold, threshold_for
-from quantmill.verify.tokens import ChunkPlan, ReferenceTokenizer, load_reference_tokenizer, prepare_tokens
+from quantmill.verify.tokens import (
+    ChunkPlan,
+    ReferenceTokenizer,
+    TokenizationCheck,
+    compare_tokenizations,
+    load_reference_tokenizer,
+    prepare_tokens,
+    read_eval_text,
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ class ArtifactResult:
     quant_type: str = ""
     threshold: Threshold | None = None
     failures: tuple[str, ...] = ()
+    tokenization: TokenizationCheck | None = None  # the artifact's own tokenizer vs the reference's (GGUF files)
 
     @property
     def ppl(self) -> float:
@@ -183,13 +192,15 @@ def evaluate_artifact(
     id_to_token = {int(i): text for i in used if (text := reference.id_to_token(int(i))) is not None}
     with open_backend(path, options, fmt) as backend:
         backend.check_vocabulary(plan, id_to_token)
+        own_tokens = getattr(backend, "own_tokens", None)  # artifacts that carry a tokenizer of their own
+        tokenization = compare_tokenizations(plan.tokens, own_tokens(read_eval_text(plan.source))) if own_tokens else None
         started = time.perf_counter()
         chunks = prefetched(backend.iter_logprobs(plan))
         figures = run_metrics(_progress(chunks, plan.n_chunks, path.name, progress), metrics)
         seconds = time.perf_counter() - started
         info = backend.info
     return ArtifactResult(path, fmt, info.size_bytes, info.bpw, figures, seconds, plan.n_evaluated, is_reference,
-                          info.quant_type)
+                          info.quant_type, tokenization=tokenization)
 
 
 def _reference_vocab_size(reference_dir: Path) -> int:
@@ -283,7 +294,10 @@ def judge(result: ArtifactResult, reference: ArtifactResult, table: Mapping[str,
     """``result`` with its threshold and the limits it breaks."""
     threshold = threshold_for(result.quant_type, table)
     figures = {**result.metrics, "delta_ppl_pct": 100.0 * (result.ppl / reference.ppl - 1.0)}
-    return replace(result, threshold=threshold, failures=tuple(threshold.failures(figures)))
+    failures = list(threshold.failures(figures))
+    if result.tokenization is not None and (tokenization := result.tokenization.failure()) is not None:
+        failures.append(tokenization)
+    return replace(result, threshold=threshold, failures=tuple(failures))
 
 
 def verify_artifacts(

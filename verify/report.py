@@ -40,6 +40,7 @@ def artifact_record(result: VerifyResult, artifact: ArtifactResult) -> dict[str,
         "verdict": _verdict(artifact),
         "failures": list(artifact.failures),
         "thresholds": artifact.threshold.__dict__ if artifact.threshold is not None else None,
+        "tokenization": artifact.tokenization.as_json() if artifact.tokenization is not None else None,
     }
     for name in COMPARISON_FIELDS:
         record[name] = _finite(artifact.metrics.get(name))
@@ -95,6 +96,12 @@ def markdown_table(result: VerifyResult) -> str:
             f"| {_cell(100.0 * top1 if top1 is not None else None, '.2f')} | {_verdict(artifact)} "
             f"| {artifact.tokens_per_second:.1f} |"
         )
+    for artifact in result.results:
+        check = artifact.tokenization
+        if check is not None and not check.identical:
+            lines.append(f"\n{artifact.path.name}: its own tokenizer gives {check.artifact_tokens} tokens of the text vs the "
+                         f"reference's {check.reference_tokens} ({100 * check.difference:.3f} % changed, from token "
+                         f"{check.first_difference}); its figures are on the reference's ids")
     for artifact in result.failed:
         lines.append(f"\n{artifact.path.name} fails its {artifact.quant_type} thresholds: {'; '.join(artifact.failures)}")
     return "\n".join(lines)

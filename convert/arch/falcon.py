@@ -37,6 +37,7 @@ import numpy as np
 
 from quantmill.convert.arch import register
 from quantmill.convert.arch.base import Architecture, DecoderSpec, HParams
+from quantmill.convert.arch.fields import check_fields
 from quantmill.convert.arch.llama import check_rope_type, rope_parameters_from_config, write_rope_keys
 from quantmill.errors import InputFileError, UnsupportedError
 
@@ -92,9 +93,11 @@ def refinedweb_to_falcon(config: dict[str, Any], config_path: Path) -> dict[str,
 
 def falcon_config(config: dict[str, Any], config_path: Path) -> dict[str, Any]:
     """config.json as transformers' FalconConfig fields (RefinedWeb configs translated), defaults filled in."""
+    check_fields(config, config_path)
     if config.get("model_type") in REFINEDWEB_TYPES:
         config = refinedweb_to_falcon(config, config_path)
     hp: HParams = {**FALCON_DEFAULTS, **config}
+    check_fields(hp, config_path)
     for key in REQUIRED_INT_FIELDS:
         value = hp.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

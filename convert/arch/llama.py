@@ -29,6 +29,7 @@ import numpy as np
 from quantmill.convert.arch import register
 from quantmill.convert.arch.base import Architecture, DecoderSpec, GgufToHfSpec, HParams, PreNormLayout
 from quantmill.convert.arch.extra_keys import add_config_fields
+from quantmill.convert.arch.fields import check_fields, check_rope
 from quantmill.errors import InputFileError, UnsupportedError
 
 T = gguf.MODEL_TENSOR
@@ -165,6 +166,7 @@ class LlamaArchitecture(Architecture):
         model_type = config.get("model_type")
         known = model_type in TRANSFORMERS_DEFAULTS
         hp: HParams = {**TRANSFORMERS_DEFAULTS.get(str(model_type), {}), **config}
+        check_fields(hp, config_path)
         for key in REQUIRED_INT_FIELDS:
             value = hp.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -271,6 +273,7 @@ def _rope_longrope(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
 
 
 def check_rope_type(rope: dict[str, Any], config_path: Path) -> None:
+    check_rope(rope, config_path)
     rope_type = rope.get("rope_type")
     if rope_type is not None and str(rope_type).lower() not in ROPE_WRITERS:
         raise UnsupportedError(

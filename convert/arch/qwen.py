@@ -33,6 +33,7 @@ import gguf
 
 from quantmill.convert.arch import register
 from quantmill.convert.arch.base import Architecture, DecoderSpec, HParams
+from quantmill.convert.arch.fields import check_fields
 from quantmill.convert.arch.llama import LLAMA_LAYOUT, check_rope_type, rope_parameters_from_config, write_rope_keys
 from quantmill.errors import InputFileError, UnsupportedError
 
@@ -118,6 +119,7 @@ class Qwen2Architecture(Architecture):
 
     def read_hparams(self, config: dict[str, Any], config_path: Path) -> HParams:
         hp: HParams = {**self.defaults, **config}
+        check_fields(hp, config_path)
         for key in REQUIRED_INT_FIELDS:
             value = hp.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

@@ -276,6 +276,10 @@ def validate_config(config: Mapping[str, Any], path: Path) -> None:
             raise InputFileError(path, f"field {key!r} must map module patterns to numbers", "fix adapter_config.json")
 
 
+class PickleAdapterError(InputFileError):
+    """An adapter saved only as a pickle (adapter_model.bin), refused unless the caller allows pickles."""
+
+
 def _open_weights(directory: Path, allow_pickle: bool) -> tuple[Path, TensorSource]:
     safetensors_path = directory / SAFETENSORS_NAME
     if safetensors_path.is_file():
@@ -283,7 +287,7 @@ def _open_weights(directory: Path, allow_pickle: bool) -> tuple[Path, TensorSour
     pickle_path = directory / PICKLE_NAME
     if pickle_path.is_file():
         if not allow_pickle:
-            raise InputFileError(
+            raise PickleAdapterError(
                 pickle_path,
                 "is a pickle, which can run code when loaded",
                 "re-save the adapter with safe_serialization=True, or pass --allow-pickle if you trust its source",

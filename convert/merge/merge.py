@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -232,6 +232,32 @@ def _progress(enabled: bool) -> Callable[[Iterable[OutputTensor]], Iterable[Outp
     return wrap
 
 
+def _check_target_modules(adapter: Adapter, base_tensors: Mapping[str, object]) -> None:
+    """Refuse an adapter whose ``target_modules`` match no module of the base model (as PEFT does)."""
+    import re
+
+    targets = adapter.config.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return
+    modules = {name.rsplit(".", 1)[0] for name in base_tensors if name.endswith(".weight")}
+    if isinstance(targets, str):
+        try:
+            matched = any(re.fullmatch(targets, m) for m in modules)
+        except re.error as exc:
+            raise InputFileError(adapter.path / "adapter_config.json", f"target_modules {targets!r} is not a regular expression"
+                                 f" ({exc})", "fix adapter_config.json") from exc
+        unmatched = [] if matched else [targets]
+    elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        found = {t for t in targets if any(m == t or m.endswith("." + t) for m in modules)}
+        unmatched = [] if found else list(targets)
+    else:
+        raise InputFileError(adapter.path / "adapter_config.json", f"target_modules is {targets!r}, expected a list of"
+                             " module names or a regular expression", "fix adapter_config.json")
+    if unmatched:
+        raise InputFileError(adapter.path / "adapter_config.json", f"target_modules {unmatched} match no module of the base"
+                             " model", "pass the adapter trained for this base model")
+
+
 def merge_adapters(
     base_dir: str | Path,
     adapters: Sequence[tuple[str | Path, float]],
@@ -261,6 +287,7 @@ def merge_adapters(
         for path, weight in adapters:
             adapter = load_adapter(path, weight, allow_pickle=allow_pickle, base_model_type=config.get("model_type"))
             stack.callback(adapter.close)
+            _check_target_modules(adapter, ckpt.entries)
             loaded.append(adapter)
         quantized = _check_4bit(base_dir, config, ckpt, loaded, dequantize_4bit_base)
         base = _Base(ckpt, quantized)

@@ -161,6 +161,8 @@ def read_imatrix(path: Path) -> Imatrix:
         if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
             raise InputFileError(path, f"tensor {tensor.name} is {tensor.tensor_type.name}, not F32", _REMAKE)
         data = np.array(tensor.data, dtype=np.float32)
+        if not np.isfinite(data).all():
+            raise InputFileError(path, f"imatrix tensor {tensor.name!r} holds NaN or infinite values", _REMAKE)
         n_in = int(tensor.shape[0])
         if tensor.name.endswith(SUFFIX_SUMS):
             sums[tensor.name.removesuffix(SUFFIX_SUMS)] = data.reshape(-1, n_in)

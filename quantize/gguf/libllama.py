@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from gguf.constants import GGMLQuantizationType
 
 from quantmill.atomic import atomic_file
 from quantmill.outputs import check_output, gguf_signature
-from quantmill.errors import ToolError, UnsupportedError, UserInputError
+from quantmill.errors import InputFileError, ToolError, UnsupportedError, UserInputError
 from quantmill.quantize.gguf.inspect import GGUFSummary, check_gguf_magic, summarize_gguf
 from quantmill.quantize.gguf.types import (
     FILE_TYPES,
@@ -199,6 +200,33 @@ def parse_overrides(specs: Sequence[str]) -> tuple[TensorOverride, ...]:
     return tuple(TensorOverride.parse(spec) for spec in specs)
 
 
+FINITE_CHECK_ELEMENTS = 1 << 22
+
+
+def check_tensor_data(source: Path) -> None:
+    """Refuse an empty tensor (libllama divides by its size) and NaN/Inf in float tensors, naming the tensor."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    try:
+        reader = GGUFReader(source, "r")
+    except (ValueError, OSError, IndexError) as exc:
+        raise InputFileError(source, f"malformed GGUF ({exc})", "re-create the file") from exc
+    for tensor in reader.tensors:
+        if int(tensor.n_elements) == 0:
+            raise InputFileError(source, f"tensor {tensor.name!r} is empty (shape {[int(d) for d in tensor.shape]})",
+                                 "re-create the GGUF from a complete checkpoint")
+        if tensor.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+            continue
+        flat = np.asarray(tensor.data).reshape(-1)
+        for start in range(0, flat.size, FINITE_CHECK_ELEMENTS):
+            chunk = flat[start:start + FINITE_CHECK_ELEMENTS]
+            if tensor.tensor_type == GGMLQuantizationType.BF16:
+                chunk = (chunk.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            if not np.isfinite(chunk).all():
+                raise InputFileError(source, f"tensor {tensor.name!r} holds NaN or infinite values",
+                                     "fix the weights and re-create the GGUF; quantmill never quantizes non-finite weights")
+
+
 def _check_request(
     source: Path,
     output: Path,
@@ -236,6 +264,7 @@ def _check_request(
                 f"--override-tensor {override.pattern!r}: matches no tensor in {source}; "
                 f"tensor names look like {names[len(names) // 2]!r}"
             )
+    check_tensor_data(source)
     requantized = sorted(
         t.name for t in summary.tensors if len(t.shape) >= 2 and t.type_name not in _FLOAT_TYPE_NAMES
     )

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from quantmill.calib_data.loaders import DEFAULT_TEXT_FIELD
-from quantmill.outputs import check_output, marker, remove_own_temporaries
+from quantmill.outputs import check_output, remove_own_temporaries
 from quantmill.quantize.gptq.branches import DEFAULT_DAMP_PERCENT, parse_branches
 from quantmill.quantize.gptq.checkpoint import DEFAULT_MAX_SHARD_BYTES
-from quantmill.quantize.gptq.engine import BranchResult, EngineOptions
+from quantmill.quantize.gptq.engine import BranchResult, EngineOptions, check_input
 
 if TYPE_CHECKING:
     from quantmill.calib_data.sampling import CalibrationSet
@@ -22,12 +22,16 @@ class GptqRun:
     branches: list[BranchResult]
 
 
-BRANCH_MARKER = "quantize_config.json"
+BRANCH_MARKERS = ("quantize_config.json", "quantmill_gptq.json")  # a v1 / a compressed-tensors branch
+
+
+def _is_branch(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and any((path / m).is_file() for m in BRANCH_MARKERS)
 
 
 def _earlier_gptq_output(out_dir: Path) -> bool:
-    """Every entry is an earlier branch (it holds quantize_config.json) or a temporary of one."""
-    return all((p.is_dir() and not p.is_symlink() and (p / BRANCH_MARKER).is_file())
+    """Every entry is an earlier branch (it holds quantize_config.json or quantmill_gptq.json) or a temporary of one."""
+    return all(_is_branch(p)
                or (p.name.startswith(".") and p.name.endswith(".part")) for p in out_dir.iterdir())
 
 
@@ -38,7 +42,7 @@ def _check_out(model_dir: Path, calib: str, out_dir: Path, names: list[str]) -> 
                        owned=_earlier_gptq_output)
     for name in names:
         check_output(out / name, kind="dir", flag="--out", command="quantize gptq", inputs=inputs,
-                     owned=marker(BRANCH_MARKER))
+                     owned=_is_branch)
         remove_own_temporaries(out / name)
 
 
@@ -55,6 +59,7 @@ def quantize_gptq(
     true_sequential: bool = True,
     text_field: str = DEFAULT_TEXT_FIELD,
     device: str = "cpu",
+    format: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
 ) -> GptqRun:
@@ -62,8 +67,10 @@ def quantize_gptq(
     from quantmill.quantize.calibrate import prepare_calibration
     from quantmill.quantize.gptq.engine import quantize_branches
 
-    branches = parse_branches(list(branch_specs), damp_percent=damp_percent, true_sequential=true_sequential)
+    branches = parse_branches(list(branch_specs), damp_percent=damp_percent, true_sequential=true_sequential,
+                              format=format)
     _check_out(Path(model_dir), calib, Path(out_dir), [b.name for b in branches])
+    check_input(Path(model_dir))
     calibration = prepare_calibration(Path(model_dir), calib, samples, seqlen, seed, text_field)
     options = EngineOptions(device=device, max_shard_bytes=max_shard_bytes, progress=progress)
     return GptqRun(calibration, quantize_branches(Path(model_dir), calibration, branches, Path(out_dir), options))

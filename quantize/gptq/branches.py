@@ -5,6 +5,7 @@ Short specs, as given to ``--branch``::
 
     4bit-128g-actorder        8bit-none-actorder      3bit-64g
     4bit-64g-actorder-asym    4bit-128g-actorder-static
+    4bit-32g-actorder-ct      (the same codes in the compressed-tensors layout vLLM reads)
     main=4bit-128g-actorder   (written to the branch ``main`` instead of its release name)
 
 Release names are those of the well-known "Provided files" releases::
@@ -12,7 +13,8 @@ Release names are those of the well-known "Provided files" releases::
     gptq-4bit-128g-actorder_True   gptq-8bit--1g-actorder_True   gptq-3bit-64g-actorder_False
 
 (``-1g`` is "no grouping"). Asymmetric and static-group branches, which those releases do not
-have, append ``-asym`` / ``-static``. A release name is accepted as a spec too.
+have, append ``-asym`` / ``-static``; a compressed-tensors branch appends ``-compressed-tensors``.
+A release name is accepted as a spec too.
 """
 from __future__ import annotations
 
@@ -55,8 +57,12 @@ class BranchSpec:
     true_sequential: bool = True
     block_size: int = DEFAULT_BLOCK_SIZE
     name_override: str | None = None
+    format: str = "gptq"  # a key of quantmill.quantize.gptq.formats.FORMATS
 
     def __post_init__(self) -> None:
+        from quantmill.quantize.gptq.formats import checkpoint_format
+
+        checkpoint_format(self.format)
         if self.bits not in SUPPORTED_BITS:
             raise UserInputError(
                 f"--branch: {self.bits}-bit GPTQ is not supported; choose bits from {', '.join(map(str, SUPPORTED_BITS))}"
@@ -84,7 +90,14 @@ class BranchSpec:
             name += "-asym"
         if self.static_groups:
             name += "-static"
-        return name
+        return name + self.checkpoint_format.suffix
+
+    @property
+    def checkpoint_format(self) -> Any:
+        """The :class:`~quantmill.quantize.gptq.formats.CheckpointFormat` record the branch is written in."""
+        from quantmill.quantize.gptq.formats import checkpoint_format
+
+        return checkpoint_format(self.format)
 
     @property
     def name(self) -> str:
@@ -97,6 +110,7 @@ class BranchSpec:
         group = "none" if self.group_size == -1 else f"{self.group_size}g"
         words = [f"{self.bits}bit", group] + (["actorder"] if self.desc_act else [])
         words += ([] if self.sym else ["asym"]) + (["static"] if self.static_groups else [])
+        words += [self.checkpoint_format.word] if self.checkpoint_format.word else []
         text = "-".join(words)
         return f"{self.name_override}={text}" if self.name_override else text
 
@@ -121,12 +135,17 @@ class BranchSpec:
 
 def _split_words(text: str) -> list[str]:
     """``4bit--1g-actorder_True`` -> ``['4bit', '-1g', 'actorder_true']`` (``-1g`` kept whole)."""
-    lowered = text.strip().lower().replace("--1g", "-@1g")
+    lowered = text.strip().lower().replace("--1g", "-@1g").replace("compressed-tensors", "ct")
     return [w.replace("@", "-") for w in lowered.split("-") if w]
 
 
-def parse_branch(spec: str, *, damp_percent: float = DEFAULT_DAMP_PERCENT, true_sequential: bool = True) -> BranchSpec:
-    """Parse a short spec (``4bit-128g-actorder``, ``main=4bit-64g``) or a release name."""
+def parse_branch(spec: str, *, damp_percent: float = DEFAULT_DAMP_PERCENT, true_sequential: bool = True,
+                 format: str | None = None) -> BranchSpec:
+    """Parse a short spec (``4bit-128g-actorder``, ``main=4bit-64g``) or a release name.
+
+    ``format`` (e.g. the CLI's ``--format``) applies to a spec that does not name one itself."""
+    from quantmill.quantize.gptq.formats import DEFAULT_FORMAT, FORMAT_WORDS
+
     raw = spec.strip()
     name: str | None = None
     if "=" in raw:
@@ -148,9 +167,14 @@ def parse_branch(spec: str, *, damp_percent: float = DEFAULT_DAMP_PERCENT, true_
     else:
         raise UserInputError(f"--branch {spec!r}: {group_word!r} is not a group size; {hint}")
     fields: dict[str, bool] = {}
+    named_format: str | None = None
     for word in words[2:]:
+        if word in FORMAT_WORDS:
+            named_format = FORMAT_WORDS[word]
+            continue
         if word not in FLAG_WORDS:
-            raise UserInputError(f"--branch {spec!r}: unknown word {word!r} (known: {', '.join(sorted(FLAG_WORDS))}); {hint}")
+            known = ", ".join(sorted([*FLAG_WORDS, *FORMAT_WORDS]))
+            raise UserInputError(f"--branch {spec!r}: unknown word {word!r} (known: {known}); {hint}")
         key, value = FLAG_WORDS[word]
         if key in fields and fields[key] != value:
             raise UserInputError(f"--branch {spec!r}: contradicts itself about {key}")
@@ -161,6 +185,7 @@ def parse_branch(spec: str, *, damp_percent: float = DEFAULT_DAMP_PERCENT, true_
         damp_percent=damp_percent,
         true_sequential=true_sequential,
         name_override=name,
+        format=named_format or format or DEFAULT_FORMAT,
         **fields,
     )
 

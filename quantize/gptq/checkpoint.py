@@ -26,6 +26,7 @@ from quantmill.quantize.gptq.branches import BranchSpec
 
 QUANTIZE_CONFIG = "quantize_config.json"
 QUANT_LOG = "quantization_log.json"
+BRANCH_RECORD = "quantmill_gptq.json"  # a compressed-tensors branch's spec and record
 SPOOL_NAME = ".quantmill-spool"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # files of a model directory that travel with the weights (those that exist are copied)
@@ -41,7 +42,7 @@ COMPANION_FILES = (
     "tokenizer_config.json",
     "vocab.json",
 )
-_NUMPY_CODES = {np.dtype("int32"): "I32", np.dtype("float16"): "F16", np.dtype("float32"): "F32"}
+_NUMPY_CODES = {np.dtype("int64"): "I64", np.dtype("int32"): "I32", np.dtype("float16"): "F16", np.dtype("float32"): "F32"}
 
 
 @dataclass(frozen=True)
@@ -113,12 +114,29 @@ class BranchWriter:
 
 
 def quantization_config(spec: BranchSpec, meta: dict[str, Any]) -> dict[str, Any]:
-    """quantize_config.json, also stored as config.json's ``quantization_config``."""
-    return {**spec.quantization_config(), "meta": {"quantizer": [f"quantmill:{__version__}"], **meta}}
+    """config.json's ``quantization_config`` in the branch's format (for v1 also quantize_config.json)."""
+    return spec.checkpoint_format.config(spec, meta)
 
 
-def write_configs(directory: Path, source_dir: Path, source_config: dict[str, Any], qconfig: dict[str, Any]) -> None:
-    """config.json (the source's, plus quantization_config, dtype float16), quantize_config.json, companions."""
+def write_configs(directory: Path, source_dir: Path, source_config: dict[str, Any], qconfig: dict[str, Any],
+                  spec: BranchSpec | None = None, meta: dict[str, Any] | None = None) -> None:
+    """config.json (the source's, plus quantization_config, dtype float16), quantize_config.json, companions.
+
+    A branch whose format has no quantize_config.json (compressed-tensors) gets ``quantmill_gptq.json``
+    instead: the branch spec and quantmill's record (``meta``), which that format's config cannot carry."""
+    if spec is not None and not spec.checkpoint_format.writes_quantize_config:
+        _write_json(directory / BRANCH_RECORD, {"format": spec.format, "branch": spec.short, "bits": spec.bits,
+                                                "group_size": spec.group_size, "desc_act": spec.desc_act,
+                                                "sym": spec.sym, "static_groups": spec.static_groups,
+                                                "damp_percent": spec.damp_percent,
+                                                "meta": {"quantizer": [f"quantmill:{__version__}"], **(meta or {})}})
+        _write_config_json(directory, source_dir, source_config, qconfig)
+        return
+    _write_config_json(directory, source_dir, source_config, qconfig)
+    _write_json(directory / QUANTIZE_CONFIG, qconfig)
+
+
+def _write_config_json(directory: Path, source_dir: Path, source_config: dict[str, Any], qconfig: dict[str, Any]) -> None:
     config = dict(source_config)
     config.pop("quantization_config", None)
     config["quantization_config"] = qconfig
@@ -126,7 +144,6 @@ def write_configs(directory: Path, source_dir: Path, source_config: dict[str, An
         if key in config or key == "dtype":
             config[key] = "float16"
     _write_json(directory / "config.json", config)
-    _write_json(directory / QUANTIZE_CONFIG, qconfig)
     for name in COMPANION_FILES:
         if (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, directory / name)

@@ -30,15 +30,21 @@ BRANCH_HELP = (
 @click.option("--no-true-sequential", is_flag=True,
               help="collect every linear's Hessian from the float layer instead of group by group")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="split the safetensors into files of at most this size")
+@click.option("--format", "checkpoint_format", type=click.Choice(["gptq", "compressed-tensors"]), default="gptq",
+              show_default=True,
+              help="checkpoint layout of every branch that does not name one: gptq (AutoGPTQ/GPTQModel v1) or "
+                   "compressed-tensors (llm-compressor's pack-quantized W4A16/W8A16, what vLLM reads); "
+                   "a spec ending in -ct picks compressed-tensors for that branch")
 @click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda)")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 @click.option("--no-progress", is_flag=True, help="hide the progress bar")
 def quantize_gptq(
     model_dir: Path, out_dir: Path, branches: tuple[str, ...], calib: str, text_field: str, calib_samples: int,
-    calib_seqlen: int, seed: int, damp: float, no_true_sequential: bool, max_shard_size: str, device: str,
+    calib_seqlen: int, seed: int, damp: float, no_true_sequential: bool, max_shard_size: str, checkpoint_format: str,
+    device: str,
     threads: int | None, no_progress: bool,
 ) -> None:
-    """Quantize MODEL_DIR with GPTQ into one v1 checkpoint per --branch (AutoGPTQ/GPTQModel format)."""
+    """Quantize MODEL_DIR with GPTQ into one checkpoint per --branch (v1 AutoGPTQ/GPTQModel or compressed-tensors)."""
     from quantmill.convert.merge.writer import parse_size
     from quantmill.errors import UserInputError
     from quantmill.quantize.gptq.api import quantize_gptq as run
@@ -51,7 +57,7 @@ def quantize_gptq(
         torch.set_num_threads(threads)
     result = run(
         model_dir, calib, out_dir, branches, samples=calib_samples, seqlen=calib_seqlen, seed=seed, damp_percent=damp,
-        true_sequential=not no_true_sequential, text_field=text_field, device=device,
+        true_sequential=not no_true_sequential, text_field=text_field, device=device, format=checkpoint_format,
         max_shard_bytes=parse_size(max_shard_size), progress=not no_progress,
     )
     cal = result.calibration

@@ -15,6 +15,7 @@ import numpy as np
 
 from quantmill.errors import InputFileError, UnsupportedError
 from quantmill.quantize.gptq.branches import SUPPORTED_BITS
+from quantmill.quantize.gptq.checkpoint import BRANCH_RECORD
 from quantmill.quantize.gptq.packing import TENSOR_SUFFIXES, PackedLinear, dequantize_linear
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ def read_gptq_config(directory: Path) -> dict[str, Any]:
     """config.json's ``quantization_config`` (else quantize_config.json), checked for a v1 GPTQ checkpoint."""
     directory = Path(directory)
     config = _read_json(directory / "config.json")
+    if (directory / BRANCH_RECORD).is_file() and _quant_method(config) == "compressed-tensors":
+        return _compressed_tensors_record(directory)
     qconfig = config.get("quantization_config")
     if qconfig is None and (directory / "quantize_config.json").is_file():
         qconfig = _read_json(directory / "quantize_config.json")
@@ -43,6 +46,19 @@ def read_gptq_config(directory: Path) -> dict[str, Any]:
     return qconfig
 
 
+def _quant_method(config: dict[str, Any]) -> Any:
+    qconfig = config.get("quantization_config")
+    return qconfig.get("quant_method") if isinstance(qconfig, dict) else None
+
+
+def _compressed_tensors_record(directory: Path) -> dict[str, Any]:
+    """A quantmill compressed-tensors branch: its spec record (bits, group_size, sym, ...) with format."""
+    record = _read_json(directory / BRANCH_RECORD)
+    if record.get("bits") not in SUPPORTED_BITS or record.get("format") != "compressed-tensors":
+        raise InputFileError(directory / BRANCH_RECORD, "is not a quantmill compressed-tensors branch record", _FIX)
+    return {**record, "quant_method": "gptq", "checkpoint_format": "compressed-tensors"}
+
+
 def is_gptq_checkpoint(path: Path) -> bool:
     """A model directory whose config.json declares GPTQ quantization (cheap: reads the JSON only)."""
     path = Path(path)
@@ -52,8 +68,10 @@ def is_gptq_checkpoint(path: Path) -> bool:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
-    return isinstance(qconfig, dict) and qconfig.get("quant_method") == "gptq"
+    if not isinstance(config, dict):
+        return False
+    method = _quant_method(config)
+    return method == "gptq" or (method == "compressed-tensors" and (path / BRANCH_RECORD).is_file())
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -86,7 +104,11 @@ def dequantized_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray]]:
     """(name, float32 array) of the plain model: packed linears as ``<prefix>.weight``, the rest widened."""
     from quantmill.convert.safetensors_io import Checkpoint, to_float32
 
-    bits = int(read_gptq_config(directory)["bits"])
+    qconfig = read_gptq_config(directory)
+    bits = int(qconfig["bits"])
+    if qconfig.get("checkpoint_format") == "compressed-tensors":
+        yield from _compressed_tensors_dequantized(Path(directory), bits, bool(qconfig["sym"]))
+        return
     with Checkpoint(Path(directory)) as ckpt:
         prefixes = quantized_prefixes(ckpt)
         packed_names = {f"{p}.{s}" for p in prefixes for s in TENSOR_SUFFIXES}
@@ -94,6 +116,31 @@ def dequantized_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray]]:
             yield f"{prefix}.weight", dequantize_linear(read_packed(ckpt, prefix, bits))
         for name, entry in ckpt.entries.items():
             if name not in packed_names:
+                yield name, np.array(to_float32(ckpt.array(name), entry.dtype))
+                ckpt.release(name)
+
+
+def _compressed_tensors_dequantized(directory: Path, bits: int, sym: bool) -> Iterator[tuple[str, np.ndarray]]:
+    from quantmill.convert.safetensors_io import Checkpoint, to_float32
+    from quantmill.quantize.gptq.compressed_tensors import TENSOR_SUFFIXES as CT_SUFFIXES
+    from quantmill.quantize.gptq.compressed_tensors import CompressedLinear, dequantize_compressed
+
+    with Checkpoint(directory) as ckpt:
+        prefixes = sorted(n.removesuffix(".weight_packed") for n in ckpt.entries if n.endswith(".weight_packed"))
+        stored = {f"{p}.{s}" for p in prefixes for s in CT_SUFFIXES}
+        for prefix in prefixes:
+            arrays: dict[str, np.ndarray | None] = {}
+            for suffix in CT_SUFFIXES:
+                name = f"{prefix}.{suffix}"
+                arrays[suffix] = np.array(ckpt.array(name)) if name in ckpt else None
+                if name in ckpt:
+                    ckpt.release(name)
+            if arrays["weight_scale"] is None or arrays["weight_shape"] is None:
+                raise InputFileError(directory, f"quantized module {prefix} lacks weight_scale or weight_shape", _FIX)
+            linear = CompressedLinear(bits=bits, **arrays)  # type: ignore[arg-type]
+            yield f"{prefix}.weight", dequantize_compressed(linear, sym)
+        for name, entry in ckpt.entries.items():
+            if name not in stored:
                 yield name, np.array(to_float32(ckpt.array(name), entry.dtype))
                 ckpt.release(name)
 
@@ -137,6 +184,9 @@ def gptq_size_figures(directory: Path) -> tuple[int, float, int]:
             stored_bits += entry.n_elements * DTYPES[entry.dtype][1] * 8
             if name.endswith(".qweight"):
                 weights += entry.shape[0] * 32 // bits * entry.shape[1]
-            elif not name.endswith((".qzeros", ".scales", ".g_idx")):
+            elif name.endswith(".weight_packed"):
+                weights += entry.shape[0] * entry.shape[1] * 32 // bits
+            elif not name.endswith((".qzeros", ".scales", ".g_idx", ".weight_scale", ".weight_zero_point",
+                                    ".weight_g_idx", ".weight_shape")):
                 weights += entry.n_elements
     return size, (stored_bits / weights if weights else 0.0), weights

@@ -42,7 +42,7 @@ from quantmill.quantize.gptq.checkpoint import (
     write_log,
 )
 from quantmill.quantize.gptq.flows import Flow, GenericFlow, PreNormFlow
-from quantmill.quantize.gptq.packing import check_packable, pack_linear
+from quantmill.quantize.gptq.packing import check_packable
 from quantmill.quantize.layerwise import DEFAULT_BATCH_TOKENS, LayerwiseRunner, release_freed_memory
 
 if TYPE_CHECKING:
@@ -127,6 +127,9 @@ def _quantize_stacked(layer: nn.Module, index: int, names: list[str], hessian: H
     linears = [layer.get_submodule(name) for name in names]
     weight = torch.cat([linear.weight.detach() for linear in linears])
     result = gptq_quantize(weight, hessian.matrix(), run.spec)
+    if not bool(torch.isfinite(result.scales).all()):
+        raise UserInputError(f"tensor {arch.hf_linear_name(index, names[0]) + '.weight'!r}: GPTQ scales are not finite"
+                             " (NaN/Inf in the activations reaching this linear); check the checkpoint's weights for NaN/Inf")
     start = 0
     for name, linear in zip(names, linears, strict=True):
         part = result.rows(start, start + linear.out_features)
@@ -134,8 +137,8 @@ def _quantize_stacked(layer: nn.Module, index: int, names: list[str], hessian: H
         with torch.no_grad():
             linear.weight.copy_(part.dequantized.to(linear.weight.dtype))
         full = arch.hf_linear_name(index, name)
-        packed = pack_linear(part.codes.cpu().numpy(), part.scales.cpu().numpy(), part.zeros.cpu().numpy(),
-                             part.g_idx.cpu().numpy(), run.spec.bits)
+        packed = run.spec.checkpoint_format.pack(part.codes.cpu().numpy(), part.scales.cpu().numpy(),
+                                                 part.zeros.cpu().numpy(), part.g_idx.cpu().numpy(), run.spec)
         for tensor_name, array in packed.tensors(full).items():
             run.writer.add(tensor_name, array)
         run.writer.replaced.add(f"{full}.weight")
@@ -156,8 +159,10 @@ def _quantize_layer(layer: nn.Module, index: int, run: _BranchRun, runner: Layer
 
 def check_model(ckpt: Checkpoint, runner: LayerwiseRunner) -> None:
     """Every linear to quantize exists and fits the v1 packing, before any work is done."""
+    from quantmill.convert.arch.tensors import check_tensors
     from quantmill.errors import InputFileError
 
+    check_tensors(runner.arch, runner.config.to_dict(), ckpt.entries, runner.model_dir)
     for index in range(runner.n_layers):
         for linear in runner.decoder.linear_names:
             name = f"{runner.decoder.hf_linear_name(index, linear)}.weight"
@@ -165,6 +170,25 @@ def check_model(ckpt: Checkpoint, runner: LayerwiseRunner) -> None:
                 raise InputFileError(runner.model_dir, f"checkpoint has no tensor {name!r}", "pass a complete checkpoint")
             shape = ckpt.entries[name].shape
             check_packable(name, shape[1], shape[0])
+
+
+def check_input(model_dir: Path) -> None:
+    """The cheap checks of a GPTQ input (config fields, tensors against config.json), before calibration runs."""
+    from quantmill.convert.arch.tensors import check_tensors
+    from quantmill.convert.safetensors_io import Checkpoint
+    from quantmill.quantize.layerwise import arch_for, read_config
+
+    from quantmill.convert.arch.fields import check_fields
+
+    model_dir = Path(model_dir)
+    raw = read_config(model_dir)
+    arch = arch_for(model_dir, raw, "gptq")
+    check_fields(raw, model_dir / "config.json")
+    assert arch.decoder is not None
+    config_cls = arch.decoder.classes()[0]
+    config = config_cls.from_dict(arch.transformers_config(raw, model_dir / "config.json"))
+    with Checkpoint(model_dir) as ckpt:
+        check_tensors(arch, config.to_dict(), ckpt.entries, model_dir)
 
 
 def quantize_branches(
@@ -175,10 +199,6 @@ def quantize_branches(
     options: EngineOptions = EngineOptions(),
 ) -> list[BranchResult]:
     """Quantize ``model_dir`` into ``out_dir/<branch name>`` for every branch, in one streaming pass."""
-    import torch
-    from tqdm import tqdm
-
-    from quantmill.convert.safetensors_io import Checkpoint
     from quantmill.quantize.layerwise import bound_heap_growth
 
     if not branches:
@@ -189,6 +209,22 @@ def quantize_branches(
     if options.bound_heap:
         bound_heap_growth()
     results = [BranchResult(spec, out_dir / spec.name) for spec in branches]
+    created = not out_dir.exists()
+    try:
+        return _quantize_all(model_dir, calibration, out_dir, options, runner, results)
+    except BaseException:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # the directory this call created for the branches, left empty by the error
+        raise
+
+
+def _quantize_all(model_dir: Path, calibration: CalibrationSet, out_dir: Path, options: EngineOptions,
+                  runner: LayerwiseRunner, results: list[BranchResult]) -> list[BranchResult]:
+    import torch
+    from tqdm import tqdm
+
+    from quantmill.convert.safetensors_io import Checkpoint
+
     with ExitStack() as stack, torch.no_grad():
         ckpt = stack.enter_context(Checkpoint(model_dir))
         check_model(ckpt, runner)
@@ -230,5 +266,5 @@ def _finish_branch(run: _BranchRun, ckpt: Checkpoint, model_dir: Path, runner: L
     meta = {"calibration": calibration.record(), **run.result.meta()}
     # the config stock loaders read (a RefinedWeb config becomes transformers' Falcon one, LongLLaMA plain llama)
     config = runner.arch.transformers_config(runner.raw_config, model_dir / "config.json")
-    write_configs(directory, model_dir, config, quantization_config(run.spec, meta))
+    write_configs(directory, model_dir, config, quantization_config(run.spec, meta), run.spec, meta)
     write_log(directory, {r.name: r.as_json() for r in sorted(run.result.records, key=lambda r: r.name)})

@@ -17,6 +17,7 @@ try:
     from quantmill.hashing import sha256_file
 except ImportError:  # before quantmill.hashing landed, the function lived with the GGUF reader
     from quantmill.convert.gguf_reader import sha256_file  # type: ignore[no-redef,attr-defined]
+from quantmill.errors import InputFileError
 from quantmill.recipe import BundledSource, HubSource, LoadedRecipe, LocalSource
 
 # Bump a kind's version when its output for the same inputs changes (invalidates old stages).
@@ -78,8 +79,28 @@ def model_files(directory: Path) -> list[Path]:
                   and not p.name.endswith(PICKLE_SUFFIXES))
 
 
-def _hash_dir(directory: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in model_files(directory)}
+def _hash_dir(directory: Path, allow_pickle: bool = False) -> dict[str, str]:
+    files = model_files(directory)
+    if allow_pickle:
+        from quantmill.convert.pickle_weights import pickle_shards
+
+        files = sorted({*files, *pickle_shards(directory)})
+    return {p.name: sha256_file(p) for p in files}
+
+
+def check_source_weights(directory: Path, allow_pickle: bool) -> None:
+    """A source must have safetensors weights, or pickles it is allowed to convert: refused before any work."""
+    from quantmill.convert.pickle_weights import pickle_shards
+
+    if any(p.suffix == ".safetensors" for p in model_files(directory)):
+        return
+    if pickle_shards(directory):
+        if allow_pickle:
+            return
+        raise InputFileError(directory, "has only PyTorch pickle weights (pytorch_model*.bin), which can run code when "
+                             "loaded", "set allow_pickle: true on the recipe's source to convert them to safetensors "
+                             "(torch.load with weights_only=True), or use a safetensors revision")
+    raise InputFileError(directory, "has no .safetensors weights", "pass a complete Hugging Face checkpoint directory")
 
 
 def input_sha256(loaded: LoadedRecipe, value: str) -> str:
@@ -108,10 +129,15 @@ def _source_params(loaded: LoadedRecipe) -> tuple[dict[str, Any], dict[str, str]
         files = {gguf.name: sha256_file(gguf)}
         return {"kind": "bundled", "files": files, "dtype": REFERENCE_DTYPE, "format": REFERENCE_FORMAT}, files
     if isinstance(source, LocalSource):
-        files = _hash_dir(loaded.resolve(source.path))
-        return {"kind": "local", "files": files}, files
+        directory = loaded.resolve(source.path)
+        if not directory.is_dir():
+            raise InputFileError(directory, "no such model directory", "fix source.path in the recipe")
+        check_source_weights(directory, source.allow_pickle)
+        files = _hash_dir(directory, source.allow_pickle)
+        return {"kind": "local", "files": files, **({"allow_pickle": True} if source.allow_pickle else {})}, files
     assert isinstance(source, HubSource)
-    return {"kind": "hub", "id": source.id, "revision": source.revision}, {}
+    return {"kind": "hub", "id": source.id, "revision": source.revision,
+            **({"allow_pickle": True} if source.allow_pickle else {})}, {}
 
 
 def release_name(loaded: LoadedRecipe) -> str:

@@ -12,14 +12,16 @@ from quantmill.recipe import Adapter, LoadedRecipe
 
 # What a release reads from a snapshot: weights as safetensors only (no pickles), configs, tokenizers.
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.txt"]
+PICKLE_PATTERNS = ["pytorch_model*.bin"]  # only with the source's allow_pickle
 
 
-def hub_snapshot(repo_id: str, revision: str) -> Path:
+def hub_snapshot(repo_id: str, revision: str, allow_pickle: bool = False) -> Path:
     """The local directory of ``repo_id`` at ``revision`` (downloaded unless offline and cached)."""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
+        patterns = ALLOW_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types (offline, not found, gated)
         raise InputFileError(f"hub:{repo_id}@{revision}", f"cannot be read ({type(exc).__name__})",
                              "check the id and revision, or download it into the local Hugging Face cache first") from None

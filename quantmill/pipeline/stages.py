@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantmill.errors import InputFileError
-from quantmill.pipeline.plan import Node, Plan, model_files
+from quantmill.pipeline.plan import Node, Plan, check_source_weights, model_files
 from quantmill.pipeline.snapshots import adapter_dir, hub_snapshot
 from quantmill.recipe import BundledSource, HubSource, LocalSource
 
@@ -66,31 +66,35 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _copy_model(src: Path, dst: Path) -> None:
+def _copy_model(src: Path, dst: Path, allow_pickle: bool = False) -> None:
+    from quantmill.convert.pickle_weights import PICKLE_INDEX, convert_pickle_weights
+
+    check_source_weights(src, allow_pickle)
     files = model_files(src)
-    if not any(f.suffix == ".safetensors" for f in files):
-        raise InputFileError(src, "has no .safetensors weights", "convert the checkpoint to safetensors (pickles are not loaded)")
     dst.mkdir(parents=True, exist_ok=True)
+    if not any(f.suffix == ".safetensors" for f in files):  # allowed pickles: converted, never copied
+        convert_pickle_weights(src, dst)
+        files = [f for f in files if f.name != PICKLE_INDEX]
     for path in files:  # copied, not linked: a later edit of the source must not change a finished stage
         shutil.copyfile(path, dst / path.name)
 
 
 def _hub_snapshot(source: HubSource) -> Path:
-    return hub_snapshot(source.id, source.revision)
+    return hub_snapshot(source.id, source.revision, source.allow_pickle)
 
 
 @stage("source")
 def run_source(ctx: StageContext) -> None:
     source = ctx.plan.recipe.recipe.source
+    out = ctx.out / ctx.plan.release_name
     if isinstance(source, BundledSource):
         from quantmill.default_model import default_reference
 
-        src = default_reference()
+        _copy_model(default_reference(), out)
     elif isinstance(source, LocalSource):
-        src = ctx.plan.recipe.resolve(source.path)
+        _copy_model(ctx.plan.recipe.resolve(source.path), out, source.allow_pickle)
     else:
-        src = _hub_snapshot(source)
-    _copy_model(src, ctx.out / ctx.plan.release_name)
+        _copy_model(_hub_snapshot(source), out, source.allow_pickle)
 
 
 @stage("merge")
@@ -98,8 +102,15 @@ def run_merge(ctx: StageContext) -> None:
     from quantmill.convert.merge.merge import merge_adapters
 
     previous = ctx.inputs[ctx.node.deps[0]] / ctx.plan.release_name
+    from quantmill.convert.merge.adapter import PickleAdapterError
+
     adapters = [(adapter_dir(ctx.plan.recipe, a), a.weight) for a in ctx.plan.recipe.recipe.adapters]
-    merge_adapters(previous, adapters, ctx.out / ctx.plan.release_name, progress=ctx.progress)
+    try:
+        merge_adapters(previous, adapters, ctx.out / ctx.plan.release_name, progress=ctx.progress)
+    except PickleAdapterError as exc:  # `run` never loads pickles: there is no flag to allow one
+        raise InputFileError(exc.path, "is a pickle, which can run code when loaded; a release never loads pickles",
+                             "re-save the adapter with safe_serialization=True (adapter_model.safetensors), or merge it"
+                             " yourself with `quantmill merge --allow-pickle` and use the result as the recipe's source") from exc
 
 
 @stage("bake")

@@ -97,6 +97,18 @@ class LlamaCppBackend:
                 f"(id {token_id}: {ref!r} vs {got!r}); evaluate artifacts made from the reference model"
             )
 
+    def own_tokens(self, text: str) -> np.ndarray:
+        """``text`` tokenized by this GGUF's own tokenizer, as llama-perplexity does (special tokens added, BOS per the file)."""
+        lc = self._llama
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        while True:
+            out = (lc.llama_token * capacity)()
+            n = lc.llama_tokenize(self._vocab, data, len(data), out, capacity, True, False)
+            if n >= 0:
+                return np.ctypeslib.as_array(out)[:n].astype(np.int32)
+            capacity = -n
+
     def _token_text(self, token_id: int) -> str | None:
         raw = self._llama.llama_vocab_get_text(self._vocab, token_id)
         return raw.decode("utf-8", errors="replace") if raw is not None else None
