@@ -216,11 +216,14 @@ def compare(args: argparse.Namespace) -> None:
             print(json.dumps({"tool": "gptqmodel-7.6.0", "wall_s": round(g_wall, 1), "cpu_s": round(g_cpu, 1),
                               "threads": args.threads, "load_avg_1m": os.getloadavg()[0], "uptime_before": load_before,
                               "uptime_after": uptime(), **json.loads(out.strip().splitlines()[-1])}), flush=True)
+            print(json.dumps({"quantmill_over_gptqmodel": {"wall": round(q_wall / g_wall, 3), "cpu": round(q_cpu / g_cpu, 3)}}),
+                  flush=True)
     # a replica's float checkpoint is measured too: its perplexity is the Δppl baseline
     paths = ([reference] if args.model != "smollm2" else []) + [branch] + ([theirs] if theirs.is_dir() else [])
     figures = verify_ppl(reference, paths, args.threads, work / "verify.json", args.max_chunks)
     for name, record in figures.items():
-        print(json.dumps({"artifact": name, **{k: record.get(k) for k in ("format", "size_bytes", "bpw", "ppl", "ppl_stderr", "delta_ppl_pct")}}))
+        fields = ("format", "size_bytes", "bpw", "ppl", "ppl_stderr", "delta_ppl_pct", "kld_mean", "top1_agreement")
+        print(json.dumps({"artifact": name, **{k: record.get(k) for k in fields}}))
     print(f"work directory: {work}")
 
 

@@ -76,7 +76,14 @@ class RopeMethod:
             raise UserInputError(f"--rope-factor {factor:g}: {self.name} extends the context, so the factor must be at least 1")
 
     def new_context(self, base: RopeBase) -> int:
-        return int(round(base.original_context * base.factor))
+        from quantmill.convert.arch.fields import CONTEXT  # the largest max_position_embeddings quantmill accepts
+
+        context = base.original_context * base.factor
+        if not math.isfinite(context) or context > CONTEXT.high:
+            raise UserInputError(
+                f"--rope-factor {base.factor:g}: {base.original_context} x {base.factor:g} tokens is beyond any context "
+                f"a runtime supports (at most {CONTEXT.high}); pass a realistic factor such as 4 or 8")
+        return int(round(context))
 
     def bake(self, base: RopeBase, params: dict[str, float]) -> RopeBake:
         raise NotImplementedError

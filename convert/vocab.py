@@ -189,8 +189,11 @@ def _space_prefix(config: dict[str, Any]) -> bool | None:
 def _is_sentencepiece_style_json(path: Path) -> bool:
     """A tokenizer.json that is a converted SentencePiece model (byte-fallback BPE), not GPT-2 style."""
     data = read_json(path)
-    model = data.get("model", {})
-    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and (data.get("decoder") or {}).get("type") == "Sequence"
+    model = data.get("model", {}) if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        raise InputFileError(path, "has no tokenizer model object (field 'model')", "re-save the tokenizer with transformers")
+    decoder = data.get("decoder") or {}
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and isinstance(decoder, dict) and decoder.get("type") == "Sequence"
 
 
 def load_vocab(

@@ -259,6 +259,7 @@ class GitTarget(_Strict):
     kind: Literal["git"] = "git"
     url: str
     gptq_url: str | None = None
+    lfs_url: str | None = None  # the LFS server (git's lfs.url); default: git's config, else the remote's own
 
 
 class HubTarget(_Strict):

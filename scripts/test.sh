@@ -2,7 +2,8 @@
 # The whole test suite, from a fresh clone: set up, fetch and build llama.cpp's reference
 # source and tools (the peers the parity tests compare against: convert_hf_to_gguf.py,
 # llama-quantize, llama-imatrix; cached, so only the first run builds), create the GPTQModel
-# peer venv (scripts/gptqmodel_venv.sh), run pytest.
+# peer venv (scripts/gptqmodel_venv.sh), install git-lfs and the giftless LFS server venv
+# (scripts/lfs_server.sh), run pytest.
 # Extra arguments go to pytest (e.g. `-m "not slow"` for the fast tests only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,4 +12,12 @@ bash scripts/llama_cpp_source.sh --build > /dev/null
 # GPTQModel 7.6, the GPTQ peer, in its own venv (tests/test_gptq_gptqmodel.py fails, not skips, when set)
 QUANTMILL_GPTQMODEL_PYTHON=${QUANTMILL_GPTQMODEL_PYTHON:-$(bash scripts/gptqmodel_venv.sh)}
 export QUANTMILL_GPTQMODEL_PYTHON
+# git-lfs (Debian's) and giftless 0.6.2, the real LFS server of tests/test_publish_lfs.py, in its own venv
+# (scripts/lfs_server.sh); with CI set, that test fails, not skips, when either is missing.
+if ! command -v git-lfs > /dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq git-lfs > /dev/null
+fi
+QUANTMILL_GIFTLESS_PYTHON=${QUANTMILL_GIFTLESS_PYTHON:-$(bash scripts/lfs_server.sh)}
+export QUANTMILL_GIFTLESS_PYTHON
 exec .venv/bin/python -m pytest "$@"

@@ -48,17 +48,44 @@ def falcon(out: Path, tokenizer_dir: Path, dtype: str, seed: int = 0, **override
     return _save(FalconForCausalLM, FalconConfig(vocab_size=BPE_VOCAB, **settings), out, tokenizer_dir, dtype, seed)
 
 
-def refinedweb(out: Path, tokenizer_dir: Path, dtype: str, seed: int = 0) -> Path:
-    """A Falcon-40B-style checkpoint with the old RefinedWeb config.json (custom-code names; auto_map never run)."""
-    falcon(out, tokenizer_dir, dtype, seed, new_decoder_architecture=True, num_kv_heads=2)
+def to_refinedweb_config(out: Path) -> Path:
+    """Rewrite a transformers Falcon config.json as the old RefinedWeb one (custom-code names; auto_map never run)."""
     config = json.loads((out / "config.json").read_text())
     renames = {"num_attention_heads": "n_head", "num_kv_heads": "n_head_kv", "num_hidden_layers": "n_layer"}
     dropped = ("model_type", "architectures", "new_decoder_architecture", "max_position_embeddings", "rope_parameters")
     rw = {renames.get(k, k): v for k, v in config.items() if k not in dropped}
-    rw.update(model_type="RefinedWeb", architectures=["RWForCausalLM"], auto_map={"AutoModelForCausalLM": "modelling_RW.RWForCausalLM"})
+    rw.update(model_type="RefinedWeb" if config.get("new_decoder_architecture") else "RefinedWebModel",
+              architectures=["RWForCausalLM"], auto_map={"AutoModelForCausalLM": "modelling_RW.RWForCausalLM"})
     (out / "config.json").write_text(json.dumps(rw, indent=2, sort_keys=True))
     (out / "modelling_RW.py").write_text("raise SystemExit('remote code was executed')\n")
     return out
+
+
+def to_pickle_upload(out: Path, shards: int) -> Path:
+    """Replace model.safetensors by an old-style pickle upload: pytorch_model.bin, or N shards plus their index."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(str(out / "model.safetensors"))
+    (out / "model.safetensors").unlink()
+    keys = sorted(state)
+    if shards == 1:
+        torch.save({k: state[k] for k in keys}, out / "pytorch_model.bin")
+        return out
+    weight_map = {}
+    for i in range(shards):
+        shard = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = keys[i::shards]
+        torch.save({k: state[k] for k in part}, out / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+def refinedweb(out: Path, tokenizer_dir: Path, dtype: str, seed: int = 0) -> Path:
+    """A Falcon-40B-style checkpoint with the old RefinedWeb config.json."""
+    falcon(out, tokenizer_dir, dtype, seed, new_decoder_architecture=True, num_kv_heads=2)
+    return to_refinedweb_config(out)
 
 
 def qwen(out: Path, tokenizer_dir: Path, dtype: str, seed: int = 0, version: int = 2, **overrides: Any) -> Path:

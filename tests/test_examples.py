@@ -171,9 +171,14 @@ def test_hub_adapter_is_hashed_into_the_plan_like_a_local_one(tmp_path: Path) ->
         data = {**base, "adapters": adapters}
         return build_plan(LoadedRecipe(path, validate_recipe(data, path), "")).node("merge").key
 
+    import huggingface_hub.constants as hub_constants
+
     with pytest.MonkeyPatch.context() as mp:
         for key, value in hub_env(cache).items():
             mp.setenv(key, value)
+        # huggingface_hub reads its environment once, at import (another test may have imported it already)
+        mp.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+        mp.setattr(hub_constants, "HF_HUB_OFFLINE", True)
         hub = merge_key([{"hub": {"id": "OWNER/kevin-lora", "revision": "main"}}])
         local = merge_key([{"path": str(adapter)}])
         assert hub == local
@@ -345,7 +350,10 @@ def figures(verify: dict[str, Any]) -> str:
 def test_alfred_example_end_to_end(smollm2_tokenizer_dir: Path, tmp_path: Path) -> None:
     cache = tmp_path / "hub"
     data = example_recipe("alfred-40b-1023")
-    model = falcon_40b_replica(tmp_path / "alfred", smollm2_tokenizer_dir)
+    from families import to_pickle_upload, to_refinedweb_config
+
+    # like the real upload: a RefinedWeb config.json (auto_map code that must never run) and pickle shards only
+    model = to_pickle_upload(to_refinedweb_config(falcon_40b_replica(tmp_path / "alfred", smollm2_tokenizer_dir)), 2)
     put_in_hub_cache(cache, data["source"]["id"], data["source"]["revision"], model)
     verify, release, seconds = run_example("alfred-40b-1023", tmp_path, cache)
     assert sorted(p.name for p in (release / "gptq").iterdir() if p.is_dir()) == sorted(ALFRED_BRANCHES)

@@ -141,7 +141,7 @@ def test_branch_names_and_parsing() -> None:
     ("4bit", "needs bits and group size"),
     ("4bit-128g-fast", "unknown word 'fast'"),
     ("4bit-128g-sym-asym", "contradicts itself"),
-    ("bad name=4bit-128g", "must be letters"),
+    ("bad name=4bit-128g", "is not a valid name; use letters"),
 ])
 def test_bad_branch_specs(spec: str, message: str) -> None:
     with pytest.raises(UserInputError, match=message):

@@ -406,3 +406,18 @@ def test_merge_refuses_target_modules_the_model_lacks(targets: Any, ws: Path, ca
     check_refused(ws, ["merge", str(ws / "model"), "--adapter", str(adapter), "--out", str(ws / "merged")],
                   "target_modules", capsys)
 
+
+
+@pytest.mark.parametrize("model", [5, "bpe", None, [1]])
+def test_tokenizer_json_with_a_broken_model_field(model: Any, ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = ws / "model" / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["model"] = model
+    path.write_text(json.dumps(data), encoding="utf-8")
+    check_refused(ws, hf_to_gguf(ws), "tokenizer.json", capsys)
+
+
+@pytest.mark.parametrize("factor", ["1e308", "1e30", "100000000"])
+def test_bake_refuses_a_factor_beyond_any_context(factor: str, ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    check_refused(ws, ["bake", str(ws / "model"), "--rope", "linear", "--rope-factor", factor, "--out", str(ws / "baked")],
+                  "--rope-factor", capsys)

@@ -227,5 +227,5 @@ def test_imatrix_pass_refuses_lckv(lckv_model: Path, tmp_path: Path, capsys: pyt
     assert main(["calibrate", str(lckv_model), "--calib", str(CORPUS), "--calib-samples", "2", "--calib-seqlen", "16",
                  "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "does not support LCKV" in err, err
+    assert "\n" not in err and "'lckv-llama' does not support the layer-by-layer statistics pass" in err, err
     assert not out.exists() and not list(tmp_path.glob(".imatrix*"))

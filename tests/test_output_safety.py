@@ -453,3 +453,20 @@ def test_cli_backstop_turns_a_write_error_into_one_line(monkeypatch: pytest.Monk
     code, lines = run_cli(["merge", "x"], capsys)
     assert_one_line(code, lines, "/mnt/ro/model.safetensors")
     assert "read-only" in lines[0]
+
+
+def test_quantize_gguf_on_a_full_disk_blames_the_output(ws: Path) -> None:
+    """libllama's write fails as an iostream error ("basic_ios::clear"): the line names the output and its disk,
+    not the input, exit 2, and no temporary is left (RLIMIT_FSIZE gives the write failure for real)."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+    before = snapshot(ws)
+    out = ws / "q8.gguf"
+    result = subprocess.run([sys.executable, "-m", "quantmill.cli", "quantize", "gguf", str(ws / "m.gguf"), "--type",
+                             "Q8_0", "--out", str(out)], capture_output=True, text=True, preexec_fn=limit, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and str(out) in lines[0] and "free space" in lines[0], lines
+    assert "basic_ios" not in lines[0].split(";")[-1]
+    assert snapshot(ws) == before

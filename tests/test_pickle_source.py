@@ -12,28 +12,15 @@ from quantmill.cli import main
 
 
 def _pickle_model(make_tiny_llama, name: str, shards: int) -> Path:  # type: ignore[no-untyped-def]
-    """The tiny checkpoint as an old-style pickle upload: pytorch_model.bin, or N shards plus their index."""
-    import json
+    """The tiny checkpoint as an old-style pickle upload (next to its safetensors original, ``NAME-st``)."""
     import shutil
 
-    import torch
-    from safetensors.torch import load_file
+    from families import to_pickle_upload
 
     model_dir = make_tiny_llama("sp", name=name + "-st")
     out = model_dir.parent / name
-    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("*.safetensors*"))
-    state = load_file(str(model_dir / "model.safetensors"))
-    keys = sorted(state)
-    if shards == 1:
-        torch.save({k: state[k] for k in keys}, out / "pytorch_model.bin")
-    else:
-        weight_map = {}
-        for i in range(shards):
-            shard = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
-            part = keys[i::shards]
-            torch.save({k: state[k] for k in part}, out / shard)
-            weight_map.update(dict.fromkeys(part, shard))
-        (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copytree(model_dir, out)
+    to_pickle_upload(out, shards)
     assert not list(out.glob("*.safetensors")) and list(out.glob("pytorch_model*.bin"))
     return out
 

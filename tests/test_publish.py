@@ -42,12 +42,16 @@ def _heads(remote: Path) -> dict[str, str]:
 
 
 def _files(remote: Path, branch: str) -> dict[str, str]:
-    """path -> sha256 of every file on ``branch``."""
+    """path -> sha256 of every file on ``branch``; an LFS pointer's object is read from the remote's LFS
+    store (git-lfs keeps a ``file://`` remote's objects there); .gitattributes: tests/test_publish_lfs.py."""
     names = _git("--git-dir", str(remote), "ls-tree", "-r", "--name-only", branch).splitlines()
     out = {}
-    for name in names:
+    for name in (n for n in names if n != ".gitattributes"):
         data = subprocess.run(["git", "--git-dir", str(remote), "cat-file", "blob", f"{branch}:{name}"],
                               check=True, capture_output=True).stdout
+        if data.startswith(b"version https://git-lfs.github.com/spec/v1\n"):
+            oid = data.split(b"oid sha256:")[1].split()[0].decode()
+            data = (remote / "lfs" / "objects" / oid[:2] / oid[2:4] / oid).read_bytes()
         out[name] = hashlib.sha256(data).hexdigest()
     return out
 

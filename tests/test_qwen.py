@@ -195,10 +195,10 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir:
     ("changes", "error", "message"),
     [
         ({"num_key_value_heads": 3}, InputFileError, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
-        ({"hidden_size": 0}, InputFileError, "field 'hidden_size' is 0, expected a positive integer"),
-        ({"num_attention_heads": "4"}, InputFileError, "field 'num_attention_heads' is '4', expected a positive integer"),
+        ({"hidden_size": 0}, InputFileError, "field 'hidden_size' is 0, expected an integer in [1, 65536]"),
+        ({"num_attention_heads": "4"}, InputFileError, "field 'num_attention_heads' is '4', expected an integer in"),
         ({"num_hidden_layers": None}, InputFileError, "field 'num_hidden_layers' is None, expected a positive integer"),
-        ({"vocab_size": -1}, InputFileError, "field 'vocab_size' is -1, expected a positive integer"),
+        ({"vocab_size": -1}, InputFileError, "field 'vocab_size' is -1, expected an integer in"),
         ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}}, UnsupportedError,
          "RoPE type 'llama3' is not supported for"),
         ({"rope_parameters": {"rope_type": "wavy", "rope_theta": 1e4}}, UnsupportedError, "RoPE type 'wavy' is not supported"),

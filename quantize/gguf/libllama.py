@@ -27,7 +27,7 @@ from gguf.constants import GGMLQuantizationType
 
 from quantmill.atomic import atomic_file
 from quantmill.outputs import check_output, gguf_signature
-from quantmill.errors import InputFileError, ToolError, UnsupportedError, UserInputError
+from quantmill.errors import OutputError, InputFileError, ToolError, UnsupportedError, UserInputError
 from quantmill.quantize.gguf.inspect import GGUFSummary, check_gguf_magic, summarize_gguf
 from quantmill.quantize.gguf.types import (
     FILE_TYPES,
@@ -340,6 +340,26 @@ def _advance(bar: Any, done: int, total: int) -> None:
     bar.update(done - bar.n)
 
 
+# libllama writes through a C++ ofstream: a failed write surfaces as an iostream error, not an errno
+IOSTREAM_ERRORS = ("basic_ios", "iostream error", "failed to write", "write error")
+MIN_FREE_BYTES = 1 << 20
+
+
+def _quantize_failure(source: Path, target: Path, type_name: str, summary: str) -> Exception:
+    """libllama's failure as one line that blames the right file: the output's disk for a failed write."""
+    import shutil
+
+    if any(marker in summary.lower() for marker in IOSTREAM_ERRORS):
+        try:
+            free = shutil.disk_usage(target.resolve().parent).free
+        except OSError:
+            free = None
+        room = f"only {free // 2**20} MiB free there; " if free is not None and free < MIN_FREE_BYTES * 64 else ""
+        return OutputError(f"{target}: libllama could not write the {type_name} file ({summary}); {room}"
+                           "free space on that disk or choose another --out")
+    return ToolError(f"{source}: libllama could not quantize to {type_name}: {summary}")
+
+
 def quantize_gguf(
     source: str | Path,
     file_type: str | GGUFFileType,
@@ -386,7 +406,7 @@ def quantize_gguf(
             os.fsencode(source), os.fsencode(tmp), ctypes.byref(params)
         )
         if status != 0:
-            raise ToolError(f"{source}: libllama could not quantize to {spec.name}: {log.error_summary()}")
+            raise _quantize_failure(source, target, spec.name, log.error_summary())
         fallbacks = _parse_fallbacks(log.warnings)
     seconds = time.perf_counter() - started
     return QuantizeResult(
