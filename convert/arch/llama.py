@@ -196,26 +196,7 @@ class LlamaArchitecture(Architecture):
         return []
 
     def write_hparams(self, writer: gguf.GGUFWriter, hp: HParams, file_type: gguf.LlamaFileType) -> None:
-        writer.add_block_count(self.block_count(hp))
-        if (n_ctx := _first(hp, CONTEXT_KEYS)) is not None:
-            writer.add_context_length(n_ctx)
-        writer.add_embedding_length(hp["hidden_size"])
-        if (n_ff := _first(hp, FFN_KEYS)) is not None:
-            writer.add_feed_forward_length(n_ff)
-        writer.add_head_count(hp["num_attention_heads"])
-        if hp.get("num_key_value_heads") is not None:
-            writer.add_head_count_kv(hp["num_key_value_heads"])
-        if hp.get("is_causal") is False:
-            writer.add_causal_attention(False)
-        write_rope_keys(writer, hp["rope_parameters"])
-        if (eps := _first(hp, ("rms_norm_eps", "norm_eps"))) is not None:
-            writer.add_layer_norm_rms_eps(eps)
-        if (eps := _first(hp, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
-            writer.add_layer_norm_eps(eps)
-        if hp.get("head_dim") is not None:
-            writer.add_key_length(hp["head_dim"])
-            writer.add_value_length(hp["head_dim"])
-        writer.add_file_type(file_type)
+        write_text_model_keys(writer, hp, self.block_count(hp), file_type)
         writer.add_vocab_size(hp["vocab_size"])
         writer.add_rope_dimension_count(self.head_dim(hp))
         if fot := {k: hp[k] for k in FOT_FIELDS if k in hp}:
@@ -230,6 +211,30 @@ class LlamaArchitecture(Architecture):
                 existing.value = False  # overwrite in place: the key keeps its position
             else:
                 writer.add_add_bos_token(False)
+
+
+def write_text_model_keys(writer: gguf.GGUFWriter, hp: HParams, block_count: int, file_type: gguf.LlamaFileType) -> None:
+    """The hyper-parameter keys llama.cpp's converter writes for every text model (its ``TextModel``), in its order."""
+    writer.add_block_count(block_count)
+    if (n_ctx := _first(hp, CONTEXT_KEYS)) is not None:
+        writer.add_context_length(n_ctx)
+    writer.add_embedding_length(hp["hidden_size"])
+    if (n_ff := _first(hp, FFN_KEYS)) is not None:
+        writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(hp["num_attention_heads"])
+    if hp.get("num_key_value_heads") is not None:
+        writer.add_head_count_kv(hp["num_key_value_heads"])
+    if hp.get("is_causal") is False:
+        writer.add_causal_attention(False)
+    write_rope_keys(writer, hp["rope_parameters"])
+    if (eps := _first(hp, ("rms_norm_eps", "norm_eps"))) is not None:
+        writer.add_layer_norm_rms_eps(eps)
+    if (eps := _first(hp, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
+        writer.add_layer_norm_eps(eps)
+    if hp.get("head_dim") is not None:
+        writer.add_key_length(hp["head_dim"])
+        writer.add_value_length(hp["head_dim"])
+    writer.add_file_type(file_type)
 
 
 def _rope_none(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ import gguf
 from quantmill.convert.arch import register
 from quantmill.convert.arch.base import Architecture, DecoderSpec, HParams
 from quantmill.convert.arch.fields import check_fields
-from quantmill.convert.arch.llama import LLAMA_LAYOUT, check_rope_type, rope_parameters_from_config, write_rope_keys
+from quantmill.convert.arch.llama import LLAMA_LAYOUT, check_rope_type, rope_parameters_from_config, write_text_model_keys
 from quantmill.errors import InputFileError, UnsupportedError
 
 # What transformers' Qwen2Config / Qwen3Config fill in for absent fields (transformers 5).
@@ -58,10 +58,6 @@ POOLING_MODES = {"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS, "la
 CLASSIFIER_POOLING = {"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS}
 QWEN_STAGES = frozenset({"convert", "statistics", "gptq", "gguf-quantize", "verify-gguf", "verify-torch"})
 POOLING_KEY = "quantmill.pooling_type"  # hparams entry (not a config field) carrying the pooling type
-
-
-def _first(hp: HParams, keys: tuple[str, ...]) -> Any:
-    return next((hp[k] for k in keys if k in hp), None)
 
 
 def _read_json_object(path: Path) -> Any:
@@ -159,27 +155,7 @@ class Qwen2Architecture(Architecture):
             )
 
     def write_hparams(self, writer: gguf.GGUFWriter, hp: HParams, file_type: gguf.LlamaFileType) -> None:
-        writer.add_block_count(self.block_count(hp))
-        if (n_ctx := _first(hp, ("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
-                                 "model_max_length"))) is not None:
-            writer.add_context_length(n_ctx)
-        writer.add_embedding_length(hp["hidden_size"])
-        if (n_ff := _first(hp, ("prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size", "n_inner",
-                                "hidden_dim"))) is not None:
-            writer.add_feed_forward_length(n_ff)
-        writer.add_head_count(hp["num_attention_heads"])
-        writer.add_head_count_kv(hp["num_key_value_heads"])
-        if hp.get("is_causal") is False:
-            writer.add_causal_attention(False)
-        write_rope_keys(writer, hp["rope_parameters"])
-        if (eps := _first(hp, ("rms_norm_eps", "norm_eps"))) is not None:
-            writer.add_layer_norm_rms_eps(eps)
-        if (eps := _first(hp, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
-            writer.add_layer_norm_eps(eps)
-        if hp.get("head_dim") is not None:
-            writer.add_key_length(hp["head_dim"])
-            writer.add_value_length(hp["head_dim"])
-        writer.add_file_type(file_type)
+        write_text_model_keys(writer, hp, self.block_count(hp), file_type)
         if hp.get(POOLING_KEY) is not None:
             writer.add_pooling_type(hp[POOLING_KEY])
         if (classifier := hp.get("classifier_pooling")) is not None:
