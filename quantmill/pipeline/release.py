@@ -32,7 +32,7 @@ from quantmill.card import (
 from quantmill.manifest import MANIFEST, build_manifest, file_records
 
 if TYPE_CHECKING:
-    from quantmill.pipeline.stages import StageContext
+    from quantmill.pipeline.context import StageContext
 
 VERIFY_DIR = "verify"
 
@@ -87,7 +87,7 @@ def default_repo(manifest: dict[str, Any], kind: str) -> str:
 
 
 def _link_tree(src: Path, dst: Path) -> None:
-    from quantmill.pipeline.stages import link_or_copy
+    from quantmill.pipeline.context import link_or_copy
 
     for path in sorted(p for p in src.rglob("*") if p.is_file()):
         rel = path.relative_to(src)
@@ -148,7 +148,7 @@ def assemble_release(ctx: StageContext) -> None:
 
 
 def _link_tree_file(src: Path, dst: Path) -> None:
-    from quantmill.pipeline.stages import link_or_copy
+    from quantmill.pipeline.context import link_or_copy
 
     if src.is_file():
         link_or_copy(src, dst)

@@ -147,7 +147,8 @@ def remove_stale_temporaries(work_dir: Path) -> list[str]:
 
 
 def _run_node(plan: Plan, node: Node, work_dir: Path, progress: bool) -> None:
-    from quantmill.pipeline.stages import STAGES, StageContext
+    from quantmill.pipeline.context import StageContext
+    from quantmill.pipeline.stages import STAGES
 
     inputs = {dep: plan.node(dep).directory(work_dir) for dep in node.deps}
     with atomic_dir(node.directory(work_dir)) as tmp:
@@ -159,7 +160,7 @@ def _run_node(plan: Plan, node: Node, work_dir: Path, progress: bool) -> None:
 
 def export_release(release_stage: Path, output_dir: Path) -> bool:
     """Hard-link the release stage into ``output_dir``; False when it is already there."""
-    from quantmill.pipeline.stages import link_or_copy
+    from quantmill.pipeline.context import link_or_copy
 
     current = output_dir / MANIFEST
     if current.is_file() and current.read_bytes() == (release_stage / MANIFEST).read_bytes():

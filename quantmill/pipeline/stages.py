@@ -8,41 +8,19 @@ checkpoint into ``ctx.out / <release name>`` so that converters name GGUF files 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from quantmill.errors import InputFileError
-from quantmill.pipeline.plan import Node, Plan, check_source_weights, model_files
+from quantmill.pipeline.context import StageContext, gguf_file_name
+from quantmill.pipeline.plan import check_source_weights, model_files
 from quantmill.pipeline.snapshots import adapter_dir, hub_snapshot
 from quantmill.recipe import BundledSource, HubSource, LocalSource
 
 LOG = logging.getLogger("quantmill.pipeline")
 CALIBRATION_NAME = "calibration"
 IMATRIX_NAME = "imatrix.gguf"
-
-
-@dataclass(frozen=True)
-class StageContext:
-    node: Node
-    plan: Plan
-    out: Path
-    inputs: dict[str, Path]  # dependency stage name -> its finished directory
-    progress: bool
-
-    @property
-    def threads(self) -> int:
-        return self.plan.recipe.recipe.threads
-
-    @property
-    def model_dir(self) -> Path:
-        """The checkpoint made by the last model stage (source / merge / bake)."""
-        return self.inputs[self.plan.model_stage] / self.plan.release_name
-
-    def input_dir(self, name: str) -> Path:
-        return self.inputs[name]
 
 
 StageFunction = Callable[[StageContext], None]
@@ -55,15 +33,6 @@ def stage(kind: str) -> Callable[[StageFunction], StageFunction]:
         return function
 
     return register
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link where the file system allows it (no extra disk), else a copy."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def _copy_model(src: Path, dst: Path, allow_pickle: bool = False) -> None:
@@ -161,10 +130,6 @@ def run_gptq(ctx: StageContext) -> None:
     calibration = load_calibration(ctx.input_dir("calibrate"))
     specs = [b.spec() for b in gptq.branches]
     quantize_branches(ctx.model_dir, calibration, specs, ctx.out, EngineOptions(progress=ctx.progress))
-
-
-def gguf_file_name(plan: Plan, type_name: str) -> str:
-    return f"{plan.release_name}-{type_name}.gguf"
 
 
 @stage("gguf-base")

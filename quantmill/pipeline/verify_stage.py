@@ -22,7 +22,7 @@ from quantmill.atomic import write_text_atomic
 from quantmill.recipe import Thresholds
 
 if TYPE_CHECKING:
-    from quantmill.pipeline.stages import StageContext
+    from quantmill.pipeline.context import StageContext
 
 VERIFY_JSON = "verify.json"
 TIMINGS_JSON = "timings.json"
@@ -73,7 +73,7 @@ def verdict(metrics: dict[str, Any], thresholds: Thresholds) -> tuple[bool, list
 
 def artifact_paths(ctx: StageContext) -> dict[str, Path]:
     """Artifact name (F16, Q4_K_M, gptq-4bit-128g-actorder_True) -> its file or directory."""
-    from quantmill.pipeline.stages import gguf_file_name
+    from quantmill.pipeline.context import gguf_file_name
 
     found: dict[str, Path] = {}
     for dep in ctx.node.deps:
