@@ -138,7 +138,7 @@ def test_family_stage_cell(replica: str, stage: str, replicas, tmp_path: Path) -
         from quantmill.quantize.gguf.libllama import quantize_gguf
 
         if not arch.supports("convert"):
-            pytest.skip("no GGUF to quantize")
+            pytest.skip(f"{arch.name} claims no HF -> GGUF conversion, so there is no GGUF to quantize (no registered family today)")
         source = gguf()
         target = tmp_path / "q8.gguf"
         if not arch.supports("gguf-quantize"):
