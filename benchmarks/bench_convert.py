@@ -10,7 +10,7 @@ Checkpoints: the default model's fp16 reference (SmolLM2-135M-Instruct) and a ra
 ~1.2B-parameter llama (TinyLlama-like shape, SmolLM2's 49,152-token vocabulary, fp16),
 written one decoder layer per safetensors shard so generating it stays small too.
 
-    python benchmarks/bench_convert.py                    # SmolLM2 + 1B, f16 and q8_0
+    python benchmarks/bench_convert.py                    # SmolLM2 + 1B, f16, bf16 and q8_0
     python benchmarks/bench_convert.py --skip-1b --repeat 3
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ RANDOM_1B = {
 @dataclass
 class Run:
     seconds: float
+    cpu_seconds: float  # user + system: what the converter itself used, whatever else the machine runs
     peak_rss_mb: float
     sha256: str
 
@@ -62,7 +63,7 @@ def run_measured(cmd: list[str], out: Path, env: dict[str, str] | None = None) -
     with open(out, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
-    return Run(seconds, usage.ru_maxrss / 1024, digest.hexdigest())
+    return Run(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, digest.hexdigest())
 
 
 def quantmill_cmd(model: Path, outtype: str, out: Path) -> list[str]:
@@ -144,14 +145,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/quantmill-bench"))
     parser.add_argument("--llama-cpp", type=Path, default=None)
-    parser.add_argument("--outtypes", default="f16,q8_0")
+    parser.add_argument("--outtypes", default="f16,bf16,q8_0")
     parser.add_argument("--repeat", type=int, default=1, help="runs per converter; the fastest is reported")
     parser.add_argument("--skip-1b", action="store_true", help="only the SmolLM2 reference")
     parser.add_argument("--1b-llama-cpp", dest="big_llama_cpp", action="store_true", help="also run llama.cpp on the 1B model")
     args = parser.parse_args()
 
     from quantmill.default_model import default_reference
-
     from quantmill.reference_tools import llama_cpp_source_dir
 
     args.llama_cpp = args.llama_cpp or llama_cpp_source_dir()
@@ -171,8 +171,8 @@ def main() -> None:
             os.execv(sys.executable, [sys.executable, *sys.argv])
         models.append(("random llama 1.17B fp16", big, args.big_llama_cpp))
 
-    rows = ["| checkpoint | outtype | llama.cpp s | quantmill s | time ratio | llama.cpp peak RSS MB | quantmill peak RSS MB"
-            " | RSS ratio | identical bytes |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| checkpoint | outtype | llama.cpp s | quantmill s | time ratio | CPU s ratio | llama.cpp peak RSS MB"
+            " | quantmill peak RSS MB | RSS ratio | identical bytes |", "|---|---|---|---|---|---|---|---|---|---|"]
     checks: list[str] = []
     for label, model, with_llama_cpp in models:
         warm(model)
@@ -183,11 +183,12 @@ def main() -> None:
                 ref = best_of(args.repeat, llama_cpp_cmd(args.llama_cpp, model, outtype, ref_out), ref_out, env)
                 rows.append(
                     f"| {label} | {outtype} | {ref.seconds:.1f} | {ours.seconds:.1f} | {ours.seconds / ref.seconds:.2f} |"
+                    f" {ours.cpu_seconds / ref.cpu_seconds:.2f} |"
                     f" {ref.peak_rss_mb:.0f} | {ours.peak_rss_mb:.0f} | {ours.peak_rss_mb / ref.peak_rss_mb:.2f} |"
                     f" {'yes' if ref.sha256 == ours.sha256 else 'NO'} |"
                 )
             else:
-                rows.append(f"| {label} | {outtype} | – | {ours.seconds:.1f} | – | – | {ours.peak_rss_mb:.0f} | – | – |")
+                rows.append(f"| {label} | {outtype} | – | {ours.seconds:.1f} | – | – | – | {ours.peak_rss_mb:.0f} | – | – |")
             if "1.17B" in label:
                 verdict = "PASS" if ours.peak_rss_mb < RSS_LIMIT_MB else "FAIL"
                 checks.append(f"- {label}, {outtype}: quantmill peak RSS {ours.peak_rss_mb:.0f} MB (< {RSS_LIMIT_MB:.0f} MB: {verdict})")

@@ -1,6 +1,6 @@
 """The corpora shipped inside the package: calibration texts and one evaluation text.
 
-Sources and licences are listed in ``calib_data/SOURCES.md``; ``make_corpora.py``
+Sources and licences are listed in ``calib_data/SOURCES.md``; ``scripts/make_corpora.py``
 rebuilds the files. The evaluation text shares no 64-character window with any
 calibration text (checked by the tests).
 """

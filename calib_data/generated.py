@@ -10,14 +10,13 @@ remote code): it is an explicit user choice, meant for models small enough for t
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from quantmill.calib_data.sampling import TOKENIZER_FILE, CalibrationSet, check_sizes, token_sha256
-from quantmill.errors import InputFileError
+from quantmill.jsonio import read_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -29,11 +28,7 @@ DEFAULT_TEMPERATURE = 1.0
 
 def special_token_ids(model_dir: Path) -> set[int]:
     """Ids of the tokenizer's special (added) tokens, never used as prompts."""
-    path = Path(model_dir) / TOKENIZER_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFileError(path, f"cannot read the tokenizer ({exc})", "save the model with its fast tokenizer") from exc
+    data = read_json_object(Path(model_dir) / TOKENIZER_FILE, "save the model with its fast tokenizer")
     return {int(t["id"]) for t in data.get("added_tokens", []) if t.get("special")}
 
 
@@ -65,7 +60,7 @@ def generate_sequences(
 
     check_sizes(samples, seqlen)
     model_dir = Path(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).to(device).eval()  # type: ignore[arg-type]
     vocab = int(model.config.vocab_size)
     special = special_token_ids(model_dir)
     candidates = np.array([i for i in range(vocab) if i not in special], dtype=np.int64)

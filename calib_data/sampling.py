@@ -20,6 +20,7 @@ import numpy as np
 
 from quantmill.calib_data.loaders import CalibrationText
 from quantmill.errors import InputFileError, UserInputError
+from quantmill.jsonio import read_json_object
 
 DOCUMENT_SEPARATOR = "\n\n"
 TOKENIZER_FILE = "tokenizer.json"
@@ -72,7 +73,7 @@ def load_tokenize(model_dir: Path) -> Tokenize:
     tokenizer = load_fast_tokenizer(Path(model_dir))
 
     def tokenize(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False).ids  # type: ignore[no-any-return]
+        return tokenizer.encode(text, add_special_tokens=False).ids
 
     return tokenize
 
@@ -138,8 +139,8 @@ def save_calibration_set(calib: CalibrationSet, path: Path) -> None:
 def load_calibration_set(path: Path) -> CalibrationSet:
     """Read what ``save_calibration_set`` wrote, re-checking the hash."""
     path = Path(path)
+    record = read_json_object(path.with_suffix(".json"), "re-run calibration")
     try:
-        record = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
         ids = np.load(path.with_suffix(".npy"), allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise InputFileError(path, f"cannot read the stored calibration sequences ({exc})", "re-run calibration") from exc

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from quantmill.atomic import atomic_dir, refuse_unrelated_dir

@@ -6,11 +6,11 @@ converter, no remote code: a tokenizer_config that names custom code is refused)
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from quantmill.errors import InputFileError
+from quantmill.jsonio import read_json_object
 
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
@@ -38,14 +38,7 @@ def _from_sentencepiece(model_dir: Path) -> Any:
     from transformers.utils import logging as hf_logging
 
     config_path = model_dir / "tokenizer_config.json"
-    config: Any = {}
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputFileError(config_path, f"cannot be read as JSON ({exc})", "fix tokenizer_config.json") from exc
-    if not isinstance(config, dict):
-        raise InputFileError(config_path, "is not a JSON object", "fix tokenizer_config.json")
+    config = read_json_object(config_path, "fix tokenizer_config.json") if config_path.is_file() else {}
     if config.get("auto_map"):
         raise InputFileError(config_path, "names custom tokenizer code (auto_map), which quantmill never runs",
                              "add a tokenizer.json made with transformers")

@@ -92,11 +92,11 @@ class GGUFFile:
     def get_str(self, key: str, default: Any = None) -> str:
         return self._typed(key, frozenset({"STRING"}), "a string", default)
 
-    def get_int(self, key: str, default: Any = None) -> int:
+    def get_int(self, key: str, default: Any = None) -> Any:
         value = self._typed(key, _INT_TYPES, "an integer", default)
         return value if value is None else int(value)
 
-    def get_float(self, key: str, default: Any = None) -> float:
+    def get_float(self, key: str, default: Any = None) -> Any:
         value = self._typed(key, _FLOAT_TYPES | _INT_TYPES, "a number", default)
         if value is None:
             return value
@@ -105,7 +105,7 @@ class GGUFFile:
             return float(str(np.float32(value)))
         return float(value)
 
-    def get_bool(self, key: str, default: Any = None) -> bool:
+    def get_bool(self, key: str, default: Any = None) -> Any:
         value = self._typed(key, frozenset({"BOOL"}), "a boolean", default)
         return value if value is None else bool(value)
 

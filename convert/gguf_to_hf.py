@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,24 +18,17 @@ from typing import Any
 import numpy as np
 
 from quantmill.atomic import atomic_dir
-from quantmill.outputs import check_output, safetensors_metadata
 from quantmill.convert.arch import for_gguf
 from quantmill.convert.arch.base import Architecture, GgufToHfSpec
 from quantmill.convert.gguf_reader import GGUFFile
 from quantmill.convert.gguf_tokenizer import GGUFVocab, tokenizer_files, vocab_from_gguf
-from quantmill.errors import InputFileError, ToolError, UnsupportedError, UserInputError
+from quantmill.convert.safetensors_io import FLOAT_CODES, SINGLE_NAME, OutputTensor, write_checkpoint
+from quantmill.errors import InputFileError, UnsupportedError, UserInputError
+from quantmill.outputs import check_output, safetensors_metadata
 
-SAFETENSORS_NAME = "model.safetensors"
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
 OUTPUT_MARKER_KEY = "quantmill"  # in model.safetensors' __metadata__: marks an earlier gguf-to-hf output
 OUTPUT_MARKER = "gguf-to-hf"
-
-# output dtype -> (safetensors dtype code, bytes per element)
-DTYPES: dict[str, tuple[str, int]] = {
-    "float16": ("F16", 2),
-    "bfloat16": ("BF16", 2),
-    "float32": ("F32", 4),
-}
 
 
 # ---------------------------------------------------------------------------- Q/K row order
@@ -218,43 +210,19 @@ def _cast_bytes(values: np.ndarray, dtype: str) -> bytes:
     return np.ascontiguousarray(values, dtype={"float16": "<f2", "float32": "<f4"}[dtype]).tobytes()
 
 
-def write_safetensors(
-    path: Path, plans: list[TensorPlan], produce: Callable[[TensorPlan], bytes], dtype: str, progress: bool = True
-) -> None:
-    """Stream tensors into ``path``: header first (offsets known from shapes), then data in name order."""
-    code, itemsize = DTYPES[dtype]
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", OUTPUT_MARKER_KEY: OUTPUT_MARKER}}
-    offset = 0
-    for plan in plans:
-        size = int(np.prod(plan.shape)) * itemsize
-        header[plan.hf_name] = {"dtype": code, "shape": list(plan.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(blob)))
-        handle.write(blob)
-        for plan in _progress(plans, progress):
-            data = produce(plan)
-            start, end = header[plan.hf_name]["data_offsets"]
-            if len(data) != end - start:
-                raise ToolError(f"tensor {plan.gguf_name} dequantized to {len(data)} bytes, expected {end - start}")
-            handle.write(data)
-
-
-def _progress(plans: list[TensorPlan], enabled: bool) -> Iterator[TensorPlan]:
+def _progress(enabled: bool) -> Callable[[Iterable[OutputTensor]], Iterable[OutputTensor]]:
     from tqdm import tqdm
 
-    yield from tqdm(plans, desc="gguf -> hf", unit="tensor", disable=not enabled, leave=False)
+    return lambda tensors: tqdm(tensors, desc="gguf -> hf", unit="tensor", disable=not enabled, leave=False)
 
 
 # ------------------------------------------------------------------------------- top level
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float16", progress: bool = True) -> Path:
     """Convert ``gguf_path`` into a Hugging Face checkpoint directory ``out_dir``; returns ``out_dir``."""
-    if dtype not in DTYPES:
-        raise UserInputError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}; pick one of them")
+    if dtype not in FLOAT_CODES:
+        raise UserInputError(f"--dtype {dtype!r} is not one of {', '.join(FLOAT_CODES)}; pick one of them")
     out_dir = check_output(out_dir, kind="dir", flag="--out", command="gguf-to-hf", inputs=(Path(gguf_path),),
-                           owned=safetensors_metadata(OUTPUT_MARKER_KEY, OUTPUT_MARKER, SAFETENSORS_NAME))
+                           owned=safetensors_metadata(OUTPUT_MARKER_KEY, OUTPUT_MARKER, SINGLE_NAME))
     gguf_file = GGUFFile.open(gguf_path)
     vocab = vocab_from_gguf(gguf_file)
     config = build_config(gguf_file, vocab, dtype)
@@ -269,8 +237,9 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float16
             (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for name, text in tokenizer_texts.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        write_safetensors(
-            tmp / SAFETENSORS_NAME, plans, lambda p: _cast_bytes(hf_tensor(gguf_file, p), dtype), dtype, progress
-        )
+        by_name = {p.hf_name: p for p in plans}
+        write_checkpoint(tmp, [OutputTensor(p.hf_name, p.shape, FLOAT_CODES[dtype]) for p in plans],
+                         lambda t: _cast_bytes(hf_tensor(gguf_file, by_name[t.name]), dtype), progress=_progress(progress),
+                         metadata={OUTPUT_MARKER_KEY: OUTPUT_MARKER})
     return out_dir
 

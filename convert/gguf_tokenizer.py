@@ -58,7 +58,7 @@ _LLAMA3_SPEC = PreTokenizerSpec((_LLAMA3,), ignore_merges=True, add_bos=True)
 _QWEN2_SPEC = PreTokenizerSpec((_QWEN2,), clean_spaces=False)
 
 
-def _family(spec: PreTokenizerSpec, *names: str, **changes: bool) -> dict[str, PreTokenizerSpec]:
+def _family(spec: PreTokenizerSpec, *names: str, **changes: Any) -> dict[str, PreTokenizerSpec]:
     final = dataclasses.replace(spec, **changes)
     return {name: final for name in names}
 
@@ -175,7 +175,7 @@ def _build_bpe(vocab: GGUFVocab) -> Any:
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)]
     )
-    tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)  # type: ignore[call-arg]
     tokenizer.post_processor = _template(vocab) or processors.ByteLevel(trim_offsets=False)
     return tokenizer
 

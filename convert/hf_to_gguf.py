@@ -26,16 +26,15 @@ import gguf
 import numpy as np
 
 from quantmill.atomic import ensure_writable_dir
-from quantmill.outputs import check_output, gguf_signature, write_error
 from quantmill.convert.arch import Architecture, HParams, resolve
 from quantmill.convert.arch.tensors import check_tensors
 from quantmill.convert.naming import ModelNaming, size_label
 from quantmill.convert.safetensors_io import FLOAT_DTYPES, Checkpoint
-from quantmill.convert.special_tokens import read_json
-from quantmill.jsonio import read_json_object
 from quantmill.convert.tensor_stream import PlannedTensor, write_tensor_data
 from quantmill.convert.vocab import load_vocab, write_vocab
 from quantmill.errors import InputFileError, OutputError, UnsupportedError, UserInputError
+from quantmill.jsonio import read_json_object
+from quantmill.outputs import check_output, gguf_signature, write_error
 
 Q = gguf.GGMLQuantizationType
 # --outtype -> (file type recorded in the GGUF, tensor type of the big matrices)
@@ -132,10 +131,9 @@ def _metadata(model_dir: Path, writer: gguf.GGUFWriter) -> gguf.Metadata:
 def _generation_config(path: Path) -> dict[str, Any]:
     """generation_config.json as llama.cpp reads it: unreadable means empty."""
     try:
-        data = read_json(path) if path.is_file() else {}
+        return read_json_object(path, "") if path.is_file() else {}
     except InputFileError:
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def output_path(model_dir: Path, outfile: Path | None, naming: ModelNaming, outtype: str) -> Path:

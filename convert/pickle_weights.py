@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from quantmill.errors import InputFileError
+from quantmill.jsonio import read_json_object
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
@@ -34,11 +35,7 @@ def pickle_shards(model_dir: Path) -> list[Path]:
 
 
 def _read_index(path: Path) -> dict[str, str]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputFileError(path, f"cannot be read as JSON ({exc})", "re-download the checkpoint") from exc
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    weight_map = read_json_object(path, "re-download the checkpoint").get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InputFileError(path, "has no weight_map of tensor -> shard names", "re-download the checkpoint")
     return weight_map

@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 
 from quantmill.errors import UnsupportedError, UserInputError
 
+MAX_CONTEXT = 1 << 24  # the largest max_position_embeddings quantmill accepts (convert.arch.fields.CONTEXT)
+
 
 @dataclass(frozen=True)
 class RopeBase:
@@ -76,13 +78,11 @@ class RopeMethod:
             raise UserInputError(f"--rope-factor {factor:g}: {self.name} extends the context, so the factor must be at least 1")
 
     def new_context(self, base: RopeBase) -> int:
-        from quantmill.convert.arch.fields import CONTEXT  # the largest max_position_embeddings quantmill accepts
-
         context = base.original_context * base.factor
-        if not math.isfinite(context) or context > CONTEXT.high:
+        if not math.isfinite(context) or context > MAX_CONTEXT:
             raise UserInputError(
                 f"--rope-factor {base.factor:g}: {base.original_context} x {base.factor:g} tokens is beyond any context "
-                f"a runtime supports (at most {CONTEXT.high}); pass a realistic factor such as 4 or 8")
+                f"a runtime supports (at most {MAX_CONTEXT}); pass a realistic factor such as 4 or 8")
         return int(round(context))
 
     def bake(self, base: RopeBase, params: dict[str, float]) -> RopeBake:
@@ -125,7 +125,8 @@ class DynamicNtkRope(RopeMethod):
             "llama.cpp has no dynamic NTK RoPE: the GGUF runs unscaled RoPE (identical up to the original "
             "context); past it, pass rope_freq_base = b·(s·L/L0 − s + 1)^(D/(D−2)) for sequence length L"
         )
-        return RopeBake({"rope_type": "dynamic", "factor": base.factor, "rope_theta": base.rope_theta}, ctx, _common_keys(base.rope_theta, ctx), notes=(note,))
+        return RopeBake({"rope_type": "dynamic", "factor": base.factor, "rope_theta": base.rope_theta}, ctx,
+                        _common_keys(base.rope_theta, ctx), notes=(note,))
 
 
 class YarnRope(RopeMethod):

@@ -1,28 +1,36 @@
-"""Memory-mapped safetensors reading with a strict header check.
+"""Safetensors I/O: reading through the ``safetensors`` library, and the project's one streaming writer.
 
-A safetensors file is an 8-byte little-endian header length, a JSON header and a
-byte buffer. Every claim the header makes (length, JSON, dtype, shape, offsets) is
-checked against the file before any tensor is touched, so a truncated download or a
-lying header becomes one ``InputFileError`` naming the file instead of garbage
-weights or a crash deep in numpy.
+Reading: ``safe_open`` parses and validates each file's header (JSON, dtypes, shapes, offsets that
+cover the data section exactly), so a truncated download or a lying header becomes one
+``InputFileError`` naming the file instead of garbage weights or a crash deep in numpy. The
+tensors are zero-copy numpy views of one read-only memory map per file (bfloat16 as ``uint16``
+bit patterns), at the offsets that validated layout implies; ``release`` drops a tensor's pages
+from this process's resident set, so reading a model tensor by tensor keeps memory bounded by
+the largest tensor.
 
-Tensors come back as zero-copy numpy views of the memory map (bfloat16 as ``uint16``
-bit patterns); ``release`` drops a tensor's pages from this process's resident set,
-so reading a model tensor by tensor keeps memory bounded by the largest tensor.
+Writing: every tensor's shape and dtype are known before any data is computed, so each file's
+header (offsets included) is written first and the tensors follow one at a time: memory holds
+one tensor, never the model. Tensor order, shard split and JSON are deterministic.
 """
 from __future__ import annotations
 
 import json
 import mmap
 import os
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from quantmill.errors import InputFileError, UnsupportedError
+from quantmill.errors import InputFileError, OutputError, UnsupportedError
+from quantmill.jsonio import read_json_object
+
+if TYPE_CHECKING:
+    import torch
 
 # safetensors dtype code -> (numpy storage dtype, bytes per element). bfloat16 and the
 # 8-bit floats have no numpy dtype: they are stored as their raw bit patterns.
@@ -44,9 +52,14 @@ DTYPES: dict[str, tuple[np.dtype, int]] = {
     "F8_E5M2": (np.dtype("u1"), 1),
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
+# output dtype names (CLI / config) -> safetensors dtype code
+FLOAT_CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 _REDOWNLOAD = "re-download or re-save the checkpoint"
+# the library's words -> what they mean for the file in hand
+_EXPLAINED = {"incomplete metadata": "truncated file or lying header", "invalid offset": "overlapping or misplaced data",
+              "header too small": "too short for a safetensors file"}
 
 
 @dataclass(frozen=True)
@@ -69,72 +82,39 @@ def _bad(path: Path, problem: str) -> InputFileError:
     return InputFileError(path, f"not a valid safetensors file: {problem}", _REDOWNLOAD)
 
 
-def _check_entry(path: Path, name: str, meta: object, data_size: int) -> tuple[str, tuple[int, ...], int, int]:
-    if not isinstance(meta, dict):
-        raise _bad(path, f"header entry {name!r} is not an object")
-    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-    if dtype not in DTYPES:
-        raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise _bad(path, f"tensor {name!r} has an invalid shape {shape!r}")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-    ):
-        raise _bad(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
-    begin, end = offsets
-    if not 0 <= begin <= end:
-        raise _bad(path, f"tensor {name!r} has data_offsets {offsets} out of order")
-    if end > data_size:
-        raise _bad(
-            path,
-            f"tensor {name!r} ends at byte {end} of the data section but the file holds only {data_size}"
-            " (truncated file or lying header)",
-        )
-    expected = prod(shape) * DTYPES[dtype][1]
-    if end - begin != expected:
-        raise _bad(path, f"tensor {name!r} spans {end - begin} bytes but dtype {dtype} and shape {shape} need {expected}")
-    return dtype, tuple(shape), begin, end
-
-
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Parse and validate the header of ``path``; return its tensors (sorted by name) and metadata."""
+    """Validate ``path``'s header with ``safe_open``; return its tensors (sorted by name) and metadata."""
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     try:
+        with safe_open(str(path), "numpy") as handle:
+            layout = [(name, handle.get_slice(name)) for name in handle.offset_keys()]
+            tensors = [(name, view.get_dtype(), tuple(view.get_shape())) for name, view in layout]
+            metadata = handle.metadata() or {}
         file_size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise _bad(path, f"file is only {file_size} bytes long")
-            header_len = int.from_bytes(prefix, "little")
-            if header_len < 2 or header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
-                raise _bad(path, f"header length {header_len} does not fit a file of {file_size} bytes")
-            raw = f.read(header_len)
+    except SafetensorError as exc:
+        problem = str(exc).removeprefix("Error while deserializing header: ")
+        hint = next((f" ({why})" for words, why in _EXPLAINED.items() if problem.startswith(words)), "")
+        raise _bad(path, problem + hint) from exc
     except OSError as exc:
-        raise InputFileError(path, f"cannot read file ({exc.strerror})", "check the path and its permissions") from exc
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(path, f"header is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise _bad(path, "header is not a JSON object")
-    data_start = 8 + header_len
-    data_size = file_size - data_start
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _bad(path, "__metadata__ must map strings to strings")
-    spans: list[tuple[int, int, str]] = []
+        raise InputFileError(path, f"cannot read file ({exc.strerror or exc})", "check the path and its permissions") from exc
+    unknown = next((f"tensor {name!r} has dtype {dtype}" for name, dtype, _ in tensors if dtype not in DTYPES), None)
+    if unknown:
+        raise _bad(path, f"{unknown}, which quantmill does not read")
+    # safe_open has checked that the tensors, in offset order, fill the data section end to end
+    offset = file_size - sum(prod(shape) * DTYPES[dtype][1] for _, dtype, shape in tensors)
     entries: dict[str, TensorEntry] = {}
-    for name, meta in header.items():
-        dtype, shape, begin, end = _check_entry(path, name, meta, data_size)
-        spans.append((begin, end, name))
-        entries[name] = TensorEntry(name, dtype, shape, path, data_start + begin, end - begin)
-    spans.sort()
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise _bad(path, f"tensors {n0!r} and {n1!r} overlap in the data section")
+    for name, dtype, shape in tensors:
+        nbytes = prod(shape) * DTYPES[dtype][1]
+        entries[name] = TensorEntry(name, dtype, shape, path, offset, nbytes)
+        offset += nbytes
     return dict(sorted(entries.items())), metadata
+
+
+def tensor_entries(files: Iterable[Path]) -> list[TensorEntry]:
+    """Every tensor of the safetensors ``files``, file by file, from their validated headers (no data read)."""
+    return [entry for path in files for entry in read_header(path)[0].values()]
 
 
 def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
@@ -198,22 +178,20 @@ class SafetensorsFile:
         self.close()
 
 
-def _part_names(model_dir: Path) -> list[str]:
+def _weight_map(model_dir: Path) -> dict[str, str] | None:
+    """The index's tensor -> shard map (None without an index), every shard a plain file name."""
     index = model_dir / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-            raise InputFileError(index, f"not a valid safetensors index ({exc})", _REDOWNLOAD) from exc
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise InputFileError(index, "has no 'weight_map' object of tensor -> file names", _REDOWNLOAD)
-        for tensor, part in weight_map.items():
-            # a shard is a plain file name in the model directory: never a path that leaves it
-            if not part or part != Path(part).name or part in (".", "..") or "\\" in part:
-                raise InputFileError(index, f"weight_map entry {tensor!r} -> {part!r} is not a file name in the model"
-                                     " directory", "fix the index (shards are plain file names next to it)")
-        return sorted(set(weight_map.values()))
-    return sorted(p.name for p in model_dir.iterdir() if p.name.startswith("model") and p.suffix == ".safetensors")
+    if not index.is_file():
+        return None
+    weight_map = read_json_object(index, _REDOWNLOAD).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputFileError(index, "has no 'weight_map' object of tensor -> file names", _REDOWNLOAD)
+    for tensor, part in weight_map.items():
+        # a shard is a plain file name in the model directory: never a path that leaves it
+        if not part or part != Path(part).name or part in (".", "..") or "\\" in part:
+            raise InputFileError(index, f"weight_map entry {tensor!r} -> {part!r} is not a file name in the model"
+                                 " directory", "fix the index (shards are plain file names next to it)")
+    return weight_map
 
 
 class Checkpoint:
@@ -225,7 +203,9 @@ class Checkpoint:
 
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = Path(model_dir)
-        names = _part_names(self.model_dir)
+        weight_map = _weight_map(self.model_dir)
+        names = sorted(set(weight_map.values()) if weight_map is not None else (
+            p.name for p in self.model_dir.iterdir() if p.name.startswith("model") and p.suffix == ".safetensors"))
         if not names:
             pickles = sorted(self.model_dir.glob("pytorch_model*.bin"))
             hint = (
@@ -243,7 +223,7 @@ class Checkpoint:
                 part = self.model_dir / name
                 if part.is_dir():
                     raise InputFileError(part, "is a directory, not a safetensors file", "replace it with the weights file")
-                if not part.is_file() and not (self.model_dir / INDEX_NAME).is_file():
+                if not part.is_file() and weight_map is None:
                     raise InputFileError(part, "is not a regular file", "replace it with the weights file")
                 if not part.is_file():
                     raise InputFileError(part, f"listed in {INDEX_NAME} but missing", "download every shard of the checkpoint")
@@ -254,16 +234,14 @@ class Checkpoint:
                         raise InputFileError(part, f"tensor {tname!r} also appears in {self.entries[tname].file.name}", _REDOWNLOAD)
                     self.entries[tname] = entry
                     self._owner[tname] = st
-            self._check_index()
+            if weight_map is not None:
+                self._check_index(weight_map)
         except BaseException:
             self.close()
             raise
 
-    def _check_index(self) -> None:
+    def _check_index(self, weight_map: dict[str, str]) -> None:
         index = self.model_dir / INDEX_NAME
-        if not index.is_file():
-            return
-        weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         missing = sorted(set(weight_map) - set(self.entries))
         extra = sorted(set(self.entries) - set(weight_map))
         if missing:
@@ -307,3 +285,105 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ----------------------------------------------------------------------------------- writing
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype code
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * DTYPES[self.dtype][1]
+
+
+def encode_float(values: torch.Tensor, dtype: str) -> bytes:
+    """Little-endian bytes of float32 ``values`` rounded to nearest-even in ``dtype`` (F32/F16/BF16)."""
+    import torch
+
+    target = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+    cast = values.to(torch.float32).contiguous().to(target)
+    if dtype == "BF16":
+        cast = cast.view(torch.int16)
+    return cast.numpy().tobytes()
+
+
+def parse_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``2G``, ``1000000`` -> bytes (decimal units, as transformers uses)."""
+    units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12, "TB": 10**12}
+    stripped = text.strip().upper()
+    number = stripped.rstrip("KMGTB")
+    unit = stripped[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value <= 0:
+        raise OutputError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB or 500MB")
+    return int(value * units[unit])
+
+
+def plan_shards(tensors: list[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:
+    """Split tensors (in the given order) into files of at most ``max_shard_bytes`` (a bigger tensor gets its own)."""
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _header(tensors: list[OutputTensor], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **metadata}}
+    offset = 0
+    for tensor in tensors:
+        header[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    blob = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    return blob + b" " * (-len(blob) % 8)
+
+
+def write_checkpoint(
+    out_dir: Path,
+    tensors: list[OutputTensor],
+    produce: Callable[[OutputTensor], bytes],
+    max_shard_bytes: int | None = None,
+    progress: Callable[[Iterable[OutputTensor]], Iterable[OutputTensor]] = iter,
+    metadata: dict[str, str] | None = None,
+) -> list[str]:
+    """Write ``tensors`` (in order) into ``out_dir``, sharded above ``max_shard_bytes`` (None: one file).
+
+    ``produce`` gives each tensor's bytes; ``metadata`` joins ``format: pt`` in each header. Returns file names.
+    """
+    shards = plan_shards(tensors, max_shard_bytes) if max_shard_bytes is not None else [tensors]
+    names = shard_names(len(shards))
+    ordered = iter(progress(tensors))
+    for name, shard in zip(names, shards, strict=True):
+        blob = _header(shard, metadata or {})
+        with open(out_dir / name, "wb") as handle:
+            handle.write(struct.pack("<Q", len(blob)))
+            handle.write(blob)
+            for expected in shard:
+                tensor = next(ordered)
+                data = produce(tensor)
+                if len(data) != expected.nbytes:
+                    raise OutputError(f"tensor {tensor.name}: produced {len(data)} bytes, expected {expected.nbytes}; this is a quantmill bug")
+                handle.write(data)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+            "weight_map": {t.name: name for name, shard in zip(names, shards, strict=True) for t in shard},
+        }
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return names

@@ -4,11 +4,13 @@ Reads ``tokenizer.json``, ``tokenizer_config.json``, ``config.json`` and the cha
 template files as data and derives what llama.cpp's converter writes for them: the
 special token ids (tokenizer_config names looked up among the added tokens, then
 config.json ids), whether BOS/EOS/SEP are added (from the post-processor, then
-tokenizer_config), the BPE merges and the chat template(s).
+tokenizer_config), the BPE merges and the chat template(s). That is ``gguf.SpecialVocab``
+of llama.cpp's own gguf-py, which the PyPI ``gguf`` of the same version number predates
+(it misses e.g. SmolLM2's ByteLevel add-BOS/EOS flags), so it is re-implemented here and
+``tests/convert/test_special_tokens.py`` compares the written keys with llama.cpp's bit for bit.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 from gguf.constants import Keys
 
 from quantmill.errors import InputFileError
+from quantmill.jsonio import read_json_object
 
 SPECIAL_TYPES: tuple[str, ...] = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 # GGUF has id keys for these special types (cls has none) and add-flags for bos/eos/sep.
@@ -39,11 +42,9 @@ class SpecialTokens:
     strip_accents: bool | None = None
 
 
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFileError(path, f"cannot be read as JSON ({exc})", f"fix or re-save {path.name}") from exc
+def read_tokenizer_json(path: Path) -> dict[str, Any]:
+    """A tokenizer (or model) JSON file as an object, through :mod:`quantmill.jsonio`."""
+    return read_json_object(path, f"fix or re-save {path.name}")
 
 
 def _token_content(entry: object) -> str | None:
@@ -165,14 +166,14 @@ class _Reader:
                 alt = [{"name": "default", "template": alt}]
                 alt += [{"name": p.stem, "template": p.read_text(encoding="utf-8")} for p in extra]
         elif as_json.is_file():
-            alt = read_json(as_json).get("chat_template")
+            alt = read_tokenizer_json(as_json).get("chat_template")
         template = cfg.get("chat_template", alt)
         if template is None or isinstance(template, (str, list)):
             self.out.chat_template = template
 
     def from_tokenizer_files(self) -> None:
         tok_path, cfg_path = self.dir / "tokenizer.json", self.dir / "tokenizer_config.json"
-        tokenizer = read_json(tok_path) if tok_path.is_file() else None
+        tokenizer = read_tokenizer_json(tok_path) if tok_path.is_file() else None
         added: list[dict[str, Any]] = []
         if tokenizer:
             if self.load_merges:
@@ -180,7 +181,7 @@ class _Reader:
             if norm := tokenizer.get("normalizer"):
                 self.normalizer(norm)
             added = tokenizer.get("added_tokens", [])
-        cfg: dict[str, Any] | None = read_json(cfg_path) if cfg_path.is_file() else None
+        cfg: dict[str, Any] | None = read_tokenizer_json(cfg_path) if cfg_path.is_file() else None
         if tokenizer:
             # Raw values on purpose: a dict-valued entry never equals a token string here, as in llama.cpp.
             named: dict[str, Any] = {t: (cfg or {}).get(f"{t}_token") for t in ("bos", "cls", "eos", "sep")}
@@ -207,7 +208,7 @@ class _Reader:
         path = self.dir / "config.json"
         if not path.is_file():
             return
-        config = read_json(path)
+        config = read_tokenizer_json(path)
         for typ in self.types:
             tid = config.get(f"{typ}_token_id")
             if tid is None and isinstance(config.get("text_config"), dict):

@@ -16,13 +16,14 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import IO
 
 import gguf
 import numpy as np
 
 from quantmill.convert import ggml_quants
-from quantmill.convert.safetensors_io import Checkpoint, TensorEntry, to_float32
+from quantmill.convert.safetensors_io import Checkpoint, TensorEntry
 from quantmill.errors import InputFileError
 
 Q = gguf.GGMLQuantizationType
@@ -66,7 +67,7 @@ def encode_rows(rows: np.ndarray, dtype: str, qtype: Q, entry: TensorEntry | Non
         if entry is not None:
             check_finite(rows, entry)
         return np.ascontiguousarray(rows)
-    widened = to_float32(rows, dtype)
+    widened = ggml_quants.widen_rows(rows, dtype)
     if entry is not None:
         check_finite(widened, entry)
     return ggml_quants.quantize(widened, qtype)
@@ -102,13 +103,14 @@ def _pieces(ckpt: Checkpoint, t: PlannedTensor) -> Iterator[_Piece]:
     n_rows = flat.shape[0]
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
-        if order is None:
-            rows_of: Callable[[], np.ndarray] = lambda a=start, b=stop: flat[a:b]
-            release = lambda a=start, b=stop: ckpt.release_rows(entry.name, a, b)
-        else:
-            rows_of = lambda a=start, b=stop: flat[order[a:b]]
-            release = (lambda: ckpt.release(entry.name)) if stop == n_rows else None
-        yield _Piece(encode=lambda r=rows_of: encode_rows(r(), entry.dtype, t.qtype, entry), done=release)
+        rows: Callable[[], np.ndarray] = partial(flat.__getitem__, slice(start, stop) if order is None else order[start:stop])
+        release = partial(ckpt.release_rows, entry.name, start, stop) if order is None else (
+            partial(ckpt.release, entry.name) if stop == n_rows else None)
+        yield _Piece(encode=partial(_encode_later, rows, entry, t.qtype), done=release)
+
+
+def _encode_later(rows: Callable[[], np.ndarray], entry: TensorEntry, qtype: Q) -> np.ndarray:
+    return encode_rows(rows(), entry.dtype, qtype, entry)
 
 
 def _check_stored(ckpt: Checkpoint, entry: TensorEntry) -> None:
@@ -139,7 +141,7 @@ def _copy_range(ckpt: Checkpoint, entry: TensorEntry, fout: IO[bytes]) -> None:
     if done < entry.nbytes:
         view = ckpt.array(entry.name).reshape(-1).view(np.uint8)[done:]
         for start in range(0, view.size, COPY_BLOCK):
-            fout.write(memoryview(view[start:start + COPY_BLOCK]))
+            fout.write(view[start:start + COPY_BLOCK].data)
         ckpt.release(entry.name)
 
 
@@ -154,7 +156,7 @@ def write_tensor_data(
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool, tqdm(
         total=sum(t.nbytes for t in plan), unit="B", unit_scale=True, desc="Writing GGUF", disable=not progress
     ) as bar:
-        for fout, infos in zip(writer.fout, writer.tensors):
+        for fout, infos in zip(writer.fout, writer.tensors, strict=True):
             writer.write_padding(fout, fout.tell())
             for name, info in infos.items():
                 t = by_name[name]
@@ -164,7 +166,7 @@ def write_tensor_data(
                         _copy_range(ckpt, piece.copy_from, fout)
                     else:
                         assert data is not None
-                        fout.write(memoryview(data).cast("B"))
+                        fout.write(data.data.cast("B"))
                     if piece.done is not None:
                         piece.done()
                 written = fout.tell() - start

@@ -16,7 +16,7 @@ from typing import Any
 
 from gguf.constants import Keys
 
-from quantmill.convert.special_tokens import ADD_KEYS, ID_KEYS, SpecialTokens, read_json, read_special_tokens
+from quantmill.convert.special_tokens import ADD_KEYS, ID_KEYS, SpecialTokens, read_special_tokens, read_tokenizer_json
 from quantmill.convert.vocab_pre import KNOWN_PRE_NAMES, PRE_BY_HASH, PROBE_TEXT, probe_hash
 from quantmill.errors import InputFileError, UnsupportedError, UserInputError
 
@@ -96,7 +96,7 @@ def load_bpe(model_dir: Path, vocab_size: int, embedding_rows: int, pre_override
     except Exception as exc:  # the tokenizers library raises a bare Exception on malformed files
         raise InputFileError(source, f"cannot be loaded by the tokenizers library ({exc})", "re-save the tokenizer") from exc
     cfg_path = model_dir / "tokenizer_config.json"
-    config = read_json(cfg_path) if cfg_path.is_file() else {}
+    config = read_tokenizer_json(cfg_path) if cfg_path.is_file() else {}
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     check_vocab_size(source, len(vocab), embedding_rows)
     added = dict(tokenizer.get_added_tokens_decoder())
@@ -129,8 +129,8 @@ def load_bpe(model_dir: Path, vocab_size: int, embedding_rows: int, pre_override
             types.append(NORMAL)
         tokens.append(token)
     pre = _resolve_pre(tokenizer, source, pre_override)
-    special = read_special_tokens(model_dir, load_merges=True)
-    return Vocab("gpt2", pre, tokens, types, source, len(vocab), special=special, add_space_prefix=_space_prefix(config))
+    special_tokens = read_special_tokens(model_dir, load_merges=True)
+    return Vocab("gpt2", pre, tokens, types, source, len(vocab), special=special_tokens, add_space_prefix=_space_prefix(config))
 
 
 def load_sentencepiece(model_dir: Path, vocab_size: int, embedding_rows: int) -> Vocab:
@@ -159,12 +159,12 @@ def load_sentencepiece(model_dir: Path, vocab_size: int, embedding_rows: int) ->
     n_defined = n_sp
     added_path = model_dir / "added_tokens.json"
     if added_path.is_file():
-        for text, tid in read_json(added_path).items():
+        for text, tid in read_tokenizer_json(added_path).items():
             if isinstance(tid, int) and 0 <= tid < vocab_size:
                 tokens[tid], scores[tid], types[tid] = text.encode("utf-8"), -1000.0, USER_DEFINED
                 n_defined = max(n_defined, tid + 1)
     cfg_path = model_dir / "tokenizer_config.json"
-    config = read_json(cfg_path) if cfg_path.is_file() else {}
+    config = read_tokenizer_json(cfg_path) if cfg_path.is_file() else {}
     for key, data in (config.get("added_tokens_decoder") or {}).items():
         tid, text = int(key), data["content"]
         if tid >= vocab_size:
@@ -188,8 +188,8 @@ def _space_prefix(config: dict[str, Any]) -> bool | None:
 
 def _is_sentencepiece_style_json(path: Path) -> bool:
     """A tokenizer.json that is a converted SentencePiece model (byte-fallback BPE), not GPT-2 style."""
-    data = read_json(path)
-    model = data.get("model", {}) if isinstance(data, dict) else None
+    data = read_tokenizer_json(path)
+    model = data.get("model", {})
     if not isinstance(model, dict):
         raise InputFileError(path, "has no tokenizer model object (field 'model')", "re-save the tokenizer with transformers")
     decoder = data.get("decoder") or {}
@@ -242,6 +242,15 @@ def write_vocab(writer: Any, vocab: Vocab) -> None:
         writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.token_types)
     special = vocab.special
+    write_special_tokens(writer, special)
+    if special.lowercase is not None:
+        writer.add_bool("tokenizer.ggml.normalizer.lowercase", special.lowercase)
+    if special.strip_accents is not None:
+        writer.add_bool("tokenizer.ggml.normalizer.strip_accents", special.strip_accents)
+
+
+def write_special_tokens(writer: Any, special: SpecialTokens) -> None:
+    """The keys gguf-py's ``SpecialVocab.add_to_gguf`` writes (merges, ids, add flags, chat templates), in its order."""
     if special.merges:
         writer.add_token_merges(special.merges)
     for typ, tid in special.ids.items():
@@ -251,10 +260,6 @@ def write_vocab(writer: Any, vocab: Vocab) -> None:
         if typ in ADD_KEYS:
             writer.add_bool(ADD_KEYS[typ], flag)
     _write_chat_template(writer, special.chat_template)
-    if special.lowercase is not None:
-        writer.add_bool("tokenizer.ggml.normalizer.lowercase", special.lowercase)
-    if special.strip_accents is not None:
-        writer.add_bool("tokenizer.ggml.normalizer.strip_accents", special.strip_accents)
 
 
 def _write_chat_template(writer: Any, template: str | list[dict[str, str]] | None) -> None:

@@ -5,11 +5,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantmill.atomic import ensure_writable_dir
-from quantmill.outputs import check_output, gguf_signature
 from quantmill.calib_data.generated import GENERATED_SPEC, generate_sequences
 from quantmill.calib_data.loaders import DEFAULT_TEXT_FIELD, load_calibration_text
 from quantmill.calib_data.sampling import CalibrationSet, check_sizes, load_tokenize, sample_sequences
 from quantmill.errors import InputFileError, OutputError
+from quantmill.outputs import check_output, gguf_signature
 from quantmill.quantize.gguf.imatrix import Imatrix, imatrix_from_stats, write_imatrix
 from quantmill.quantize.layerwise import arch_for, read_config
 

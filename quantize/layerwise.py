@@ -23,16 +23,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import json
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from quantmill.convert.arch import for_config
 from quantmill.convert.arch.fields import check_fields
 from quantmill.errors import InputFileError, UserInputError
+from quantmill.jsonio import read_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -46,16 +46,7 @@ DEFAULT_BATCH_TOKENS = 4096
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
-    path = Path(model_dir) / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise InputFileError(path, "no config.json in the model directory", "pass a Hugging Face model directory") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFileError(path, f"cannot be read as JSON ({exc})", "re-save the model's config") from exc
-    if not isinstance(config, dict):
-        raise InputFileError(path, "is not a JSON object", "re-save the model's config")
-    return config
+    return read_json_object(Path(model_dir) / "config.json", "re-save the model's config", "pass a Hugging Face model directory")
 
 
 def arch_for(model_dir: Path, config: Mapping[str, Any], capability: str | None = "statistics") -> Architecture:
@@ -139,7 +130,7 @@ class DecoderLayerStep:
 
     def linears(self) -> dict[str, nn.Linear]:
         """The layer's linears by relative name, in execution order."""
-        return {name: self.module.get_submodule(name) for name in self.decoder.linear_names}
+        return {name: cast("nn.Linear", self.module.get_submodule(name)) for name in self.decoder.linear_names}
 
     def hf_name(self, linear: str) -> str:
         return self.decoder.hf_linear_name(self.index, linear)

@@ -14,10 +14,10 @@ every token counts.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -87,7 +87,7 @@ class Hessian:
 
 
 # name -> factory(in_features, device); the kinds a statistics pass can collect.
-COLLECTORS = {
+COLLECTORS: dict[str, Callable[[int, Any], InputCollector]] = {
     "sum_squares": SumSquares.create,
     "hessian": Hessian.create,
 }
@@ -124,7 +124,7 @@ def attach_collectors(
         if not members:
             continue
         in_features = modules[members[0]].in_features
-        per_kind = {kind: COLLECTORS[kind](in_features, step.runner.device) for kind in sorted(set(kinds))}
+        per_kind: dict[str, InputCollector] = {kind: COLLECTORS[kind](in_features, step.runner.device) for kind in sorted(set(kinds))}
         for name in members:
             collectors[step.hf_name(name)] = per_kind
 

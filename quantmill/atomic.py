@@ -117,7 +117,8 @@ def refuse_unrelated_dir(final: Path, marker: str, command: str, inputs: tuple[P
 
     The rule itself is :func:`quantmill.outputs.check_output`.
     """
-    from quantmill.outputs import check_output, marker as has_marker
+    from quantmill.outputs import check_output
+    from quantmill.outputs import marker as has_marker
 
     check_output(final, kind="dir", flag="--out", command=command, inputs=inputs, owned=has_marker(marker))
 

@@ -1,17 +1,18 @@
 """Model cards (README.md) for a release's GPTQ repository and GGUF repository.
 
 Everything in a card's tables is read from the finished artifacts (quantize_config.json and file
-sizes of each GPTQ branch, the GGUF files' headers) and from the verify report, never from the
-recipe's intentions. Hub metadata goes into the YAML front matter.
+sizes of each GPTQ branch, the GGUF files' headers) and from verify's one report
+(:mod:`quantmill.verify.report`), never from the recipe's intentions. Hub metadata goes into the YAML front matter.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from quantmill.jsonio import read_json_object
 
 GPTQ_DIR = "gptq"
 GGUF_DIR = "gguf"
@@ -67,7 +68,7 @@ class CardSettings:
 def read_gptq_branch(directory: Path) -> GptqBranchInfo:
     """The branch's settings from its own files: quantize_config.json (v1) or quantmill_gptq.json (compressed-tensors)."""
     v1 = directory / "quantize_config.json"
-    qconfig = json.loads((v1 if v1.is_file() else directory / "quantmill_gptq.json").read_text(encoding="utf-8"))
+    qconfig = read_json_object(v1 if v1.is_file() else directory / "quantmill_gptq.json", "re-run the gptq stage")
     calibration = qconfig.get("meta", {}).get("calibration", {})
     size = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
     return GptqBranchInfo(directory.name, int(qconfig["bits"]), int(qconfig["group_size"]), bool(qconfig["desc_act"]),
@@ -136,19 +137,19 @@ def _measured(name: str, report: dict[str, Any] | None) -> str:
     art = _verdicts(report).get(name)
     if art is None:
         return "not verified"
-    delta = art["metrics"].get("delta_ppl_pct")
+    delta = art.get("delta_ppl_pct")
     text = f"Δppl {delta:+.2f}%" if delta is not None else "Δppl n/a"
     return text + (", passed" if art.get("passed") else ", FAILED verification")
 
 
 def _parity(report: dict[str, Any] | None, names: list[str]) -> str:
-    from quantmill.pipeline.verify_stage import parity_markdown
+    from quantmill.verify.report import REFERENCE_NAME, parity_table
 
     if report is None:
         return "No verification was run for this release."
-    keep = {"reference", *names}
+    keep = {REFERENCE_NAME, *names}
     shown = {**report, "artifacts": [a for a in report["artifacts"] if a["name"] in keep]}
-    return parity_markdown(shown) + f"\n\n![Parity with the fp16 reference]({PLOT})"
+    return parity_table(shown) + f"\n\n![Parity with the fp16 reference]({PLOT})"
 
 
 def _prompt(settings: CardSettings) -> str:

@@ -49,8 +49,8 @@ def default_cache_dir() -> Path:
 
 def default_reference(cache_dir: Path | None = None) -> Path:
     """The fp16 reference checkpoint of the default model, converted on first use and cached."""
-    from quantmill.hashing import sha256_file
     from quantmill.convert.gguf_to_hf import gguf_to_hf
+    from quantmill.hashing import sha256_file
 
     gguf_path = bundled_gguf_path()
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -16,11 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from quantmill.errors import InputFileError
+from quantmill.hashing import sha256_file
+from quantmill.jsonio import read_json_object
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 PACKAGES = ("quantmill", "torch", "transformers", "safetensors", "tokenizers", "gguf", "llama_cpp_python", "numpy",
             "pydantic", "huggingface_hub")
+
+
+def canonical_json(value: Any) -> str:
+    """The one JSON text of ``value`` that is hashed: sorted keys, no spaces, ASCII."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -35,8 +42,6 @@ def package_versions() -> dict[str, str | None]:
 
 def file_records(directory: Path, *, skip: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict[str, Any]]:
     """relative path -> {sha256, size} for every file under ``directory`` (sorted, dotfiles skipped)."""
-    from quantmill.pipeline.plan import sha256_file
-
     records: dict[str, dict[str, Any]] = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = path.relative_to(directory).as_posix()
@@ -49,8 +54,6 @@ def file_records(directory: Path, *, skip: tuple[str, ...] = (MANIFEST,)) -> dic
 def build_manifest(*, name: str, recipe: dict[str, Any], inputs: dict[str, str], outputs: dict[str, dict[str, Any]],
                    stages: dict[str, str], calibration: dict[str, Any] | None, verification: dict[str, Any] | None,
                    threads: int, model: dict[str, Any]) -> dict[str, Any]:
-    from quantmill.pipeline.plan import canonical_json
-
     return {
         "manifest_version": MANIFEST_VERSION,
         "name": name,
@@ -69,13 +72,8 @@ def build_manifest(*, name: str, recipe: dict[str, Any], inputs: dict[str, str],
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputFileError(path, "no such manifest", "pass the manifest.json of a release") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFileError(path, f"cannot be read as JSON ({exc})", "pass the manifest.json of a release") from None
-    if not isinstance(data, dict) or data.get("manifest_version") != MANIFEST_VERSION or "outputs" not in data:
+    data = read_json_object(path, "pass the manifest.json of a release")
+    if data.get("manifest_version") != MANIFEST_VERSION or "outputs" not in data:
         raise InputFileError(path, "is not a quantmill manifest (version 1)", "pass the manifest.json of a release")
     return data
 

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
@@ -71,16 +70,12 @@ def json_with_keys(*keys: str) -> Owned:
 def safetensors_metadata(key: str, value: str, file: str = "model.safetensors") -> Owned:
     """An earlier output is a directory whose ``file`` has ``key: value`` in its safetensors ``__metadata__``."""
     def owned(path: Path) -> bool:
+        from quantmill.convert.safetensors_io import read_header
+
         try:
-            with open(path / file, "rb") as handle:
-                (size,) = struct.unpack("<Q", handle.read(8))
-                if size > 100_000_000:
-                    return False
-                header = json.loads(handle.read(size))
-        except (OSError, ValueError, struct.error):
+            return read_header(path / file)[1].get(key) == value
+        except UserInputError:  # not a (readable) safetensors file
             return False
-        meta = header.get("__metadata__") if isinstance(header, dict) else None
-        return isinstance(meta, dict) and meta.get(key) == value
     return owned
 
 

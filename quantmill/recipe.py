@@ -16,12 +16,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from quantmill.errors import UserInputError
+from quantmill.verify.thresholds import Threshold
 
 BUNDLED = "bundled"
 SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
               "T": 1000**4, "TB": 1000**4, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-GGUF_BASE_TYPES = ("f16", "bf16", "f32", "q8_0")
-VERIFY_DEVICES = ("cpu", "cuda")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -75,29 +74,6 @@ class LocalSource(_Strict):
     allow_pickle: bool = False
 
 
-class HubSource(_Strict):
-    """A Hub repository at a pinned revision, read from the local Hugging Face cache when offline."""
-
-    kind: Literal["hub"] = "hub"
-    id: str
-    revision: str
-    allow_pickle: bool = False  # as for a local source: download and convert pytorch_model*.bin
-
-    @field_validator("id")
-    @classmethod
-    def _hub_id(cls, value: str) -> str:
-        return check_hub_id(value)
-
-
-def check_hub_id(value: str) -> str:
-    if not _HUB_ID_RE.match(value):
-        raise ValueError(f"{value!r} is not a Hub repository id; write OWNER/NAME")
-    return value
-
-
-Source = Annotated[BundledSource | LocalSource | HubSource, Field(discriminator="kind")]
-
-
 class HubRepo(_Strict):
     """A Hub repository at a pinned revision (an adapter's ``hub:``), read like a Hub source."""
 
@@ -107,7 +83,19 @@ class HubRepo(_Strict):
     @field_validator("id")
     @classmethod
     def _hub_id(cls, value: str) -> str:
-        return check_hub_id(value)
+        if not _HUB_ID_RE.match(value):
+            raise ValueError(f"{value!r} is not a Hub repository id; write OWNER/NAME")
+        return value
+
+
+class HubSource(HubRepo):
+    """A Hub repository at a pinned revision, read from the local Hugging Face cache when offline."""
+
+    kind: Literal["hub"] = "hub"
+    allow_pickle: bool = False  # as for a local source: download and convert pytorch_model*.bin
+
+
+Source = Annotated[BundledSource | LocalSource | HubSource, Field(discriminator="kind")]
 
 
 class Adapter(_Strict):
@@ -217,22 +205,15 @@ class Gguf(_Strict):
         return self
 
 
-class Thresholds(_Strict):
-    """Pass/fail limits per artifact; None switches a check off. Metrics verify does not measure fail."""
-
-    max_delta_ppl_pct: float | None = Field(default=None, ge=0.0)
-    max_kl_divergence: float | None = Field(default=None, ge=0.0)
-    min_top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
-
-
 class Verify(_Strict):
     text: str = BUNDLED
     n_ctx: int = Field(default=512, ge=16)
     max_chunks: int | None = Field(default=32, ge=2)
-    devices: list[Literal["cpu", "cuda"]] = Field(default_factory=lambda: ["cpu"], min_length=1)
-    thresholds: Thresholds = Thresholds()
+    devices: list[Literal["cpu", "cuda"]] = Field(default=["cpu"], min_length=1)
+    # pass/fail limits per artifact (verify's Threshold: max_kld_mean, min_top1_agreement, max_delta_ppl_pct)
+    thresholds: Threshold = Threshold()
     use_default_thresholds: bool = True  # also apply verify's own per-quant-type limits, where it has them
-    overrides: dict[str, Thresholds] = Field(default_factory=dict)  # by artifact name: Q4_K_M, gptq-4bit-...
+    overrides: dict[str, Threshold] = Field(default_factory=dict)  # by artifact name: Q4_K_M, gptq-4bit-...
 
 
 class Card(_Strict):
@@ -343,10 +324,8 @@ class Recipe(_Strict):
             for key in self.verify.overrides:
                 if key not in names:
                     raise ValueError(f"verify.overrides: {key!r} is not an artifact of this recipe; use one of {', '.join(sorted(names))}")
-        kinds = [t.kind for t in self.publish]
-        for kind in set(kinds):
-            if kinds.count(kind) > 1 and kind == "hub":
-                raise ValueError("publish: two hub targets; list the Hub once with gguf_repo and gptq_repo")
+        if sum(isinstance(t, HubTarget) for t in self.publish) > 1:
+            raise ValueError("publish: two hub targets; list the Hub once with gguf_repo and gptq_repo")
         for i, target in enumerate(self.publish):
             if isinstance(target, HubTarget):
                 if target.gguf_repo is None and target.gptq_repo is None:

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from quantmill.recipe import BUNDLED, LoadedRecipe, LocalSource, Recipe, RecipeError
+from quantmill.verify.thresholds import RENAMED
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -39,7 +40,7 @@ def _walk(loc: tuple[Any, ...]) -> tuple[str, list[str]]:
         parts.append(part)
         if i < len(loc) - 1:
             owner = next((m for m in models if part in m.model_fields), None)
-            models = _models_in(owner.model_fields[part].annotation) if owner else []
+            models = _models_in(owner.model_fields[part].annotation) if owner else models  # else a mapping key
     allowed = sorted(models[0].model_fields) if models else []
     return ".".join(parts) or "(top level)", allowed
 
@@ -49,6 +50,8 @@ def _one_line(path: Path, error: dict[str, Any]) -> str:
     field, allowed = _walk(loc)
     kind = error.get("type", "")
     value = error.get("input")
+    if kind == "extra_forbidden" and RENAMED.get(str(loc[-1])) in allowed:
+        return f"{path}: {field}: renamed; write {RENAMED[loc[-1]]!r} instead"
     if kind == "extra_forbidden":
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -66,7 +69,7 @@ def validate_recipe(data: Any, path: Path) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(_one_line(path, exc.errors()[0])) from None
+        raise RecipeError(_one_line(path, dict(exc.errors()[0]))) from None
 
 
 def load_recipe(path: str | Path) -> LoadedRecipe:

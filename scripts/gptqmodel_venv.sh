@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPTQModel 7.6 peer in its own virtualenv (never a dependency of quantmill): the GPTQ loader
-# test (tests/test_gptq_gptqmodel.py) and benchmarks/bench_gptq.py run it as a subprocess.
+# test (tests/quantize/test_gptq_gptqmodel.py) and benchmarks/bench_gptq.py run it as a subprocess.
 # Created under ~/.cache/quantmill/gptqmodel-venv (or $QUANTMILL_GPTQMODEL_VENV) when missing,
 # with pinned versions; idempotent (a marker file records the pins once everything installed);
 # pip's wheel cache makes a re-creation fast. Prints the venv's python on stdout, so that

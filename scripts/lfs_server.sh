@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # giftless 0.6.2, a real Git LFS server, in its own virtualenv (never a dependency of quantmill): the
-# git + LFS publish tests (tests/test_publish_lfs.py) serve it on 127.0.0.1 with waitress.
+# git + LFS publish tests (tests/publish/test_publish_lfs.py) serve it on 127.0.0.1 with waitress.
 # Created under ~/.cache/quantmill/giftless-venv (or $QUANTMILL_GIFTLESS_VENV) when missing, with
 # pinned versions; idempotent (a marker file records the pins once everything installed).
 # giftless 0.6.2's wheel declares no dependencies, so its whole runtime set is pinned here.

@@ -39,6 +39,15 @@ TINY_DEFAULTS: dict[str, Any] = {
 }
 
 
+def transformers_logits(model_dir: Path, tokens: list[int]) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].double().numpy()
+
+
 def smollm2_gguf_path() -> Path | None:
     """The bundled SmolLM2 GGUF, found without importing its package (it imports ``llm``)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
@@ -74,7 +83,7 @@ def write_smollm2_tokenizer(gguf_path: Path, out_dir: Path) -> None:
     )
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=True) if k == 3])
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     config = {

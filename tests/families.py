@@ -1,7 +1,7 @@
 """Tiny random replicas of every registered architecture family's shapes, built with transformers' own classes.
 
 One row per replica; ``family`` names the architecture record (``quantmill.convert.arch``) it must
-resolve to. The family × stage matrix (``tests/test_families.py``) requires every registered record
+resolve to. The family × stage matrix (``tests/convert/test_families.py``) requires every registered record
 to have at least one replica here, so a newly registered family gets its row (and fails until it
 has a replica). Widths are multiples of 32 so that every GPTQ group size packs.
 """

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from conftest import SP_VOCAB_SIZE, build_tiny_llama
 
 W2_LAYER_TYPES = "0_4_4_4_4_5"  # the w2 pattern on 6 layers: 0 and 5 standard, 1..4 use layer 4's KV
@@ -89,7 +88,7 @@ def naive_lckv_logits(model_dir: Path, tokens: list[int], weights: dict[str, np.
                 scores = np.array([qh @ cache[sources[i]][j][0][g] / math.sqrt(dim) for j in visible])
                 probs = np.exp(scores - scores.max())
                 probs /= probs.sum()
-                heads.append(sum(pr * cache[sources[i]][j][1][g] for pr, j in zip(probs, visible)))
+                heads.append(sum(pr * cache[sources[i]][j][1][g] for pr, j in zip(probs, visible, strict=True)))
             h = h + w[p + "self_attn.o_proj.weight"] @ np.concatenate(heads)
             x = rms(h, w[p + "post_attention_layernorm.weight"])
             gate = w[p + "mlp.gate_proj.weight"] @ x

@@ -37,8 +37,9 @@ TINY_RECIPE: dict[str, Any] = {
 def make_tiny_model(directory: Path) -> Path:
     """A float32 HF checkpoint of a tiny llama (2 layers, hidden 64, 400-token BPE vocabulary)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from quantmill.convert.gguf_to_hf import gguf_to_hf
     from tiny_gguf import bpe_vocab, write_tiny_gguf
+
+    from quantmill.convert.gguf_to_hf import gguf_to_hf
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     gguf_path = directory.parent / f".{directory.name}.gguf"
@@ -62,6 +63,30 @@ def cli(*args: str, cwd: Path, check: bool = False, env: dict[str, str] | None =
     if check and result.returncode != 0:
         raise AssertionError(f"quantmill {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result
+
+
+def run_and_check_release(recipe: Path, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+                          passed: bool | None = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``recipe`` through the CLI (exit 0) and check the release it wrote, as mergekit's run_and_check_merge does.
+
+    Checks: the ``--json`` report names an output directory with a manifest; every file of the release is in the
+    manifest with its size and sha256 (hashed here), and nothing the manifest lists is missing; the verification
+    verdict is ``passed`` (None: not checked); every GGUF loads in llama-cpp-python. Returns (report, manifest).
+    """
+    result = cli("run", str(recipe), "--json", *args, cwd=cwd or recipe.parent, env=env, check=True)
+    report = json.loads(result.stdout)
+    release = Path(report["work_dir"]) / "release"
+    manifest = json.loads((release / "manifest.json").read_text(encoding="utf-8"))
+    files = {k: v for k, v in output_hashes(release).items() if k != "manifest.json"}
+    assert {k: v["sha256"] for k, v in manifest["outputs"].items()} == files
+    assert all(v["size"] == (release / k).stat().st_size for k, v in manifest["outputs"].items())
+    if passed is not None:
+        assert report["verification_passed"] is passed and manifest["verification"]["passed"] is passed
+    for gguf_file in sorted(release.glob("gguf/*.gguf")):
+        from llama_cpp import Llama
+
+        Llama(str(gguf_file), n_ctx=32, vocab_only=True, verbose=False).close()
+    return report, manifest
 
 
 def output_hashes(release_dir: Path) -> dict[str, str]:

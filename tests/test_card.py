@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from tiny_gguf import bpe_vocab, write_tiny_gguf
 
 from quantmill.pipeline.release import hub_layout, render_cards
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_gguf import bpe_vocab, write_tiny_gguf
 
 BRANCH_4 = "gptq-4bit-32g-actorder_True"
 BRANCH_8 = "gptq-8bit--1g-actorder_False"
@@ -29,9 +26,12 @@ def _branch(root: Path, name: str, bits: int, group: int, desc_act: bool, size: 
 
 
 def _artifact(name: str, bpw: float, delta: float, passed: bool) -> dict[str, Any]:
-    return {"name": name, "format": "gguf", "size_bytes": 1000, "bpw": bpw, "is_reference": False, "passed": passed,
-            "reasons": [] if passed else ["delta_ppl_pct too high"],
-            "metrics": {"ppl": 10.0 * (1 + delta / 100), "ppl_stderr": 0.1, "delta_ppl_pct": delta}}
+    """One record of verify's report (quantmill.verify.report.artifact_record), as the verify stage writes it."""
+    return {"name": name, "path": f"gguf/tiny-{name}.gguf", "format": "gguf", "quant_type": name, "size_bytes": 1000,
+            "bpw": bpw, "is_reference": False, "passed": passed, "verdict": "pass" if passed else "FAIL",
+            "failures": [] if passed else ["delta_ppl_pct 40 (limit <= 25)"], "tokenization": None,
+            "ppl": 10.0 * (1 + delta / 100), "ppl_stderr": 0.1, "delta_ppl_pct": delta, "kld_mean": 0.01,
+            "kld_p99": 0.1, "top1_agreement": 0.9}
 
 
 @pytest.fixture
@@ -42,10 +42,11 @@ def release(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
     (root / "gguf").mkdir(parents=True)
     write_tiny_gguf(root / "gguf" / "tiny-Q8_0.gguf", bpe_vocab(), tied=True, matrix_type="Q8_0")
     write_tiny_gguf(root / "gguf" / "tiny-F16.gguf", bpe_vocab(), tied=True, matrix_type="F16")
-    report = {"text": "bundled:eval_text.txt", "n_ctx": 64, "n_chunks": 4, "n_tokens": 256, "token_sha256": "ab" * 32,
-              "threads": 2, "passed": False, "artifacts": [
-                  {"name": "reference", "format": "hf", "size_bytes": 2000, "bpw": 32.0, "is_reference": True,
-                   "metrics": {"ppl": 10.0, "ppl_stderr": 0.1, "delta_ppl_pct": 0.0}},
+    report = {"text": "bundled:eval_text.txt", "n_ctx": 64, "n_chunks": 4, "n_tokens": 256, "n_text_tokens": 1000,
+              "token_sha256": "ab" * 32, "device": "cpu", "threads": 2, "passed": False, "artifacts": [
+                  {"name": "reference", "path": "tiny", "format": "hf", "quant_type": "F32", "size_bytes": 2000,
+                   "bpw": 32.0, "is_reference": True, "passed": None, "verdict": "reference", "failures": [],
+                   "tokenization": None, "ppl": 10.0, "ppl_stderr": 0.1, "delta_ppl_pct": 0.0},
                   _artifact("F16", 16.01, 0.001, True), _artifact("Q8_0", 8.51, 0.5, True),
                   _artifact(BRANCH_4, 4.6, 3.0, True), _artifact(BRANCH_8, 8.3, 40.0, False)]}
     recipe = {"card": {"name": "Tiny-Chat", "creator": "Some Lab", "base_model": "somelab/Tiny-Chat", "quantized_by": "me",
@@ -132,8 +133,11 @@ def test_parity_table_and_plot_are_in_the_cards(release: tuple[Path, dict[str, A
     cards = _cards(release)
     gguf, gptq = cards["gguf/README.md"], cards[f"gptq/{BRANCH_4}/README.md"]
     assert "![Parity with the fp16 reference](parity.png)" in gguf and "(parity.png)" in gptq
-    parity = _rows(gguf, "| Artifact | Format | Size MiB | bpw | Perplexity | Δppl % | KL div | Top-1 | Verdict |")
+    header = "| artifact | type | size MiB | bpw | ppl ± stderr | Δppl % | mean KLD | 99% KLD | same top % | verdict |"
+    parity = _rows(gguf, header)
     assert [r[0] for r in parity] == ["reference", "F16", "Q8_0"]  # each card shows its own artifacts
-    parity = _rows(gptq, "| Artifact | Format | Size MiB | bpw | Perplexity | Δppl % | KL div | Top-1 | Verdict |")
+    parity = _rows(gptq, header)
     assert [r[0] for r in parity] == ["reference", BRANCH_4, BRANCH_8]
-    assert parity[2][-1].startswith("FAIL") and parity[1][-1] == "pass"
+    assert parity[2][-1].startswith("FAIL") and parity[1][-1] == "pass" and parity[0][-1] == "reference"
+    assert f"{BRANCH_8} fails its {BRANCH_8} thresholds: delta_ppl_pct 40 (limit <= 25)" in gptq  # why it failed
+    assert "KLD and top-1 against the reference" in gptq and "CPU, 2 threads" in gptq

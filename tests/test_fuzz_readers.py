@@ -8,7 +8,6 @@ invalid artifact read as valid). ``derandomize=True`` and a fixed example count 
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,9 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from tiny_gguf import TinyShape, bpe_vocab, write_tiny_gguf  # noqa: E402
 
 from quantmill.errors import QuantmillError  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_gguf import TinyShape, bpe_vocab, write_tiny_gguf  # noqa: E402
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,6 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from release_helpers import make_tiny_model  # noqa: E402
 from test_output_safety import _write_adapter, assert_one_line, run_cli, snapshot  # noqa: E402
 from tiny_gguf import bpe_vocab, write_tiny_gguf  # noqa: E402

@@ -29,18 +29,17 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-
-from quantmill.cli import main
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from release_helpers import make_tiny_model  # noqa: E402
 from tiny_gguf import TinyShape, bpe_vocab, write_tiny_gguf  # noqa: E402
+
+from quantmill.cli import main
 
 TOKEN = "s3cr3tT0ken"
 
 
 # ----------------------------------------------------------------------------- fixtures
-def _write_adapter(directory: Path, shape: TinyShape = TinyShape(), rank: int = 2) -> None:
+def _write_adapter(directory: Path, shape: TinyShape | None = None, rank: int = 2) -> None:
+    shape = shape or TinyShape()
     from safetensors.numpy import save_file
 
     directory.mkdir()
@@ -322,7 +321,7 @@ def _full_disk(*_: Any, **__: Any) -> None:
 
 
 ENOSPC_CASES: dict[str, tuple[str, str, Callable[[Path], list[str]]]] = {
-    "gguf-to-hf": ("quantmill.convert.gguf_to_hf", "write_safetensors",
+    "gguf-to-hf": ("quantmill.convert.gguf_to_hf", "write_checkpoint",
                    lambda ws: ["convert", "gguf-to-hf", str(ws / "m.gguf"), "--quiet", "--out", str(ws / "hf")]),
     "merge": ("quantmill.convert.merge.merge", "write_checkpoint",
               lambda ws: ["merge", str(ws / "model"), "--adapter", str(ws / "adapter"), "--out", str(ws / "merged")]),
@@ -347,13 +346,15 @@ def test_full_disk_is_one_line_and_leaves_nothing(case: str, ws: Path, capsys: p
 
 def test_run_efbig_is_one_line_and_leaves_no_temporary(ws: Path, capsys: pytest.CaptureFixture[str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
     from quantmill.pipeline import stages
 
-    def too_big(ctx: Any) -> None:
+    def too_big(ctx: Any, params: Any) -> None:
         (ctx.out / "partial.gguf").write_bytes(b"GGUF")
         raise OSError(errno.EFBIG, "File too large", str(ctx.out / "partial.gguf"))
 
-    monkeypatch.setitem(stages.STAGES, "gguf-base", too_big)
+    monkeypatch.setitem(stages.STAGES, "gguf-base", dataclasses.replace(stages.STAGES["gguf-base"], run=too_big))
     recipe = _recipe(ws)
     code, lines = run_cli(["run", str(recipe), "--no-publish"], capsys)
     assert_one_line(code, lines, "partial.gguf")

@@ -19,6 +19,7 @@ from typing import Any
 from quantmill.atomic import atomic_file
 from quantmill.errors import InputFileError
 from quantmill.hashing import sha256_tree
+from quantmill.jsonio import read_json_object
 from quantmill.quantize.gguf.inspect import summarize_gguf
 from quantmill.verify.backends import detect_format, open_backend
 from quantmill.verify.backends.base import BackendOptions, ChunkLogProbs
@@ -97,6 +98,8 @@ class VerifyResult:
     store: Path | None = None
     reference_reused: bool = False
     results: tuple[ArtifactResult, ...] = field(default_factory=tuple)
+    threads: int | None = None  # as the backends ran (None: every CPU this process may use)
+    device: str = "cpu"
 
     @property
     def reference(self) -> ArtifactResult:
@@ -205,11 +208,10 @@ def evaluate_artifact(
 
 def _reference_vocab_size(reference_dir: Path) -> int:
     path = reference_dir / "config.json"
+    config = read_json_object(path, "pass the fp16 reference checkpoint")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-        config = config.get("text_config", config)
-        return int(config["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return int(config.get("text_config", config)["vocab_size"])
+    except (ValueError, KeyError, TypeError) as exc:
         raise InputFileError(path, f"has no readable vocab_size ({exc})", "pass the fp16 reference checkpoint") from exc
 
 
@@ -290,9 +292,8 @@ def measure_reference(
     return result, False
 
 
-def judge(result: ArtifactResult, reference: ArtifactResult, table: Mapping[str, Threshold]) -> ArtifactResult:
+def judge(result: ArtifactResult, reference: ArtifactResult, threshold: Threshold) -> ArtifactResult:
     """``result`` with its threshold and the limits it breaks."""
-    threshold = threshold_for(result.quant_type, table)
     figures = {**result.metrics, "delta_ppl_pct": 100.0 * (result.ppl / reference.ppl - 1.0)}
     failures = list(threshold.failures(figures))
     if result.tokenization is not None and (tokenization := result.tokenization.failure()) is not None:
@@ -311,12 +312,14 @@ def verify_artifacts(
     progress: bool = False,
     store: str | Path | None = None,
     thresholds: Mapping[str, Threshold] = DEFAULT_THRESHOLDS,
+    limits: Mapping[Path, Threshold] | None = None,
 ) -> VerifyResult:
     """Tokenize ``text`` once with the reference tokenizer; measure the reference and every artifact.
 
     The reference checkpoint (``reference_dir``) is measured first (or read back from its store),
     whether or not it is listed among ``artifacts``; duplicates are measured once. ``store`` is
-    where the reference's log-probs live (default: the cache, keyed by reference and tokens).
+    where the reference's log-probs live (default: the cache, keyed by reference and tokens). An artifact
+    must hold its quant type's row of ``thresholds`` and, where ``limits`` has one for its path, that too.
     """
     reference_dir = Path(reference_dir)
     tokenizer = load_reference_tokenizer(reference_dir)
@@ -339,7 +342,9 @@ def verify_artifacts(
     results = [reference]
     for path in ordered:
         measured = evaluate_artifact(path, plan, tokenizer, options, metrics=comparison_metrics(logprobs), progress=progress)
-        results.append(judge(measured, reference, thresholds))
+        threshold = threshold_for(measured.quant_type, thresholds)
+        extra = (limits or {}).get(path)
+        results.append(judge(measured, reference, threshold if extra is None else threshold.stricter(extra)))
     return VerifyResult(
         reference_dir=reference_dir,
         text=Path(text),
@@ -352,4 +357,6 @@ def verify_artifacts(
         store=store_path,
         reference_reused=reused,
         results=tuple(results),
+        threads=options.threads,
+        device=options.device,
     )

@@ -1,32 +1,37 @@
-"""The verify report: a markdown table for people, a JSON file for machines, a PNG plot; all written atomically."""
+"""The one verify report: its JSON schema, the markdown parity table and the plot, all written atomically.
+
+``quantmill verify``, the release's verify stage and the model cards all use this module. The
+JSON (:func:`report_dict`) is deterministic, so it can be hashed: no timings (they stay apart,
+:func:`timings`). Metric names are verify's own (``ppl``, ``delta_ppl_pct``, ``kld_mean``,
+``kld_p99``, ``top1_agreement``, ...), the same as the thresholds' ``max_<metric>``/``min_<metric>``.
+"""
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quantmill.atomic import atomic_file, write_text_atomic
-from quantmill.verify.evaluate import ArtifactResult, VerifyResult
 
-REPORT_VERSION = 2
+if TYPE_CHECKING:
+    from quantmill.verify.evaluate import ArtifactResult, VerifyResult
+
+REPORT_VERSION = 3
 COMPARISON_FIELDS = ("kld_mean", "kld_stderr", "kld_median", "kld_p99", "kld_max", "top1_agreement", "top1_stderr", "dp_rms")
+REFERENCE_NAME = "reference"
 
 
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def _verdict(artifact: ArtifactResult) -> str:
-    if artifact.is_reference:
-        return "reference"
-    return "pass" if artifact.passed else "FAIL"
-
-
-def artifact_record(result: VerifyResult, artifact: ArtifactResult) -> dict[str, Any]:
-    """One JSON record: the fields every consumer relies on, then the comparison and the verdict."""
+def artifact_record(result: VerifyResult, artifact: ArtifactResult, name: str, shown: Callable[[Path], str]) -> dict[str, Any]:
+    """One JSON record: what the artifact is, its figures, the limits it was held to and its verdict."""
     record: dict[str, Any] = {
-        "path": str(artifact.path),
+        "name": name,
+        "path": shown(artifact.path),
         "format": artifact.format,
         "quant_type": artifact.quant_type,
         "size_bytes": artifact.size_bytes,
@@ -36,82 +41,109 @@ def artifact_record(result: VerifyResult, artifact: ArtifactResult) -> dict[str,
         "delta_ppl_pct": _finite(result.delta_ppl_pct(artifact)),
         "is_reference": artifact.is_reference,
         "n_scored": int(artifact.metrics.get("n_scored", 0)),
-        "tokens_per_second": _finite(round(artifact.tokens_per_second, 3)),
-        "verdict": _verdict(artifact),
+        "verdict": "reference" if artifact.is_reference else "pass" if artifact.passed else "FAIL",
+        "passed": None if artifact.is_reference else artifact.passed,
         "failures": list(artifact.failures),
-        "thresholds": artifact.threshold.__dict__ if artifact.threshold is not None else None,
+        "thresholds": artifact.threshold.model_dump() if artifact.threshold is not None else None,
         "tokenization": artifact.tokenization.as_json() if artifact.tokenization is not None else None,
     }
-    for name in COMPARISON_FIELDS:
-        record[name] = _finite(artifact.metrics.get(name))
+    for field in COMPARISON_FIELDS:
+        record[field] = _finite(artifact.metrics.get(field))
     return record
 
 
-def report_dict(result: VerifyResult) -> dict[str, Any]:
+def report_dict(result: VerifyResult, names: Mapping[Path, str] | None = None,
+                shown: Callable[[Path], str] = str) -> dict[str, Any]:
+    """The report: ``names`` gives artifacts their names (default: the file name; the reference: ``reference``),
+    ``shown`` writes every path (default: as given; a release writes its own relative paths)."""
+
+    def name(artifact: ArtifactResult) -> str:
+        return REFERENCE_NAME if artifact.is_reference else (names or {}).get(artifact.path, artifact.path.name)
+
     return {
         "version": REPORT_VERSION,
-        "reference": str(result.reference_dir),
-        "text": str(result.text),
+        "reference": shown(result.reference_dir),
+        "text": shown(result.text),
         "n_ctx": result.n_ctx,
         "n_chunks": result.n_chunks,
         "n_tokens": result.n_tokens,
         "n_text_tokens": result.n_text_tokens,
         "token_sha256": result.token_sha256,
         "bos_id": result.bos_id,
-        "reference_logprobs": str(result.store) if result.store is not None else None,
+        "device": result.device,
+        "threads": result.threads,
+        "reference_logprobs": shown(result.store) if result.store is not None else None,
         "passed": not result.failed,
-        "artifacts": [artifact_record(result, a) for a in result.results],
+        "artifacts": [artifact_record(result, a, name(a), shown) for a in result.results],
     }
 
 
-def write_json_report(result: VerifyResult, path: str | Path) -> Path:
-    """Write :func:`report_dict` to ``path`` atomically (sorted keys, stable formatting)."""
+def timings(result: VerifyResult, shown: Callable[[Path], str] = str) -> dict[str, dict[str, float | None]]:
+    """Evaluation speed per artifact path: it varies run to run, so it is kept out of the report."""
+    return {shown(a.path): {"tokens_per_second": _finite(round(a.tokens_per_second, 3)), "seconds": round(a.seconds, 3)}
+            for a in result.results}
+
+
+def write_json(data: dict[str, Any], path: str | Path) -> Path:
+    """``data`` to ``path`` atomically (sorted keys, stable formatting)."""
     path = Path(path)
-    write_text_atomic(path, json.dumps(report_dict(result), indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def write_json_report(result: VerifyResult, path: str | Path) -> Path:
+    return write_json(report_dict(result), path)
 
 
 def _cell(value: float | None, fmt: str) -> str:
     return format(value, fmt) if value is not None and math.isfinite(value) else "—"
 
 
-def markdown_table(result: VerifyResult) -> str:
-    """One row per artifact, the reference first: size, bpw, ppl, Δppl, KLD, top-1, verdict, speed."""
+def parity_table(report: Mapping[str, Any], speeds: Mapping[str, float | None] | None = None) -> str:
+    """The parity table of a report, the reference first; a tok/s column when ``speeds`` (by path) is given."""
+    threads = report.get("threads")
     lines = [
-        f"Measured on {result.text.name}: {result.n_chunks} chunks of {result.n_ctx} tokens ({result.n_tokens} of the "
-        f"text's {result.n_text_tokens} tokens, sha256 {result.token_sha256[:12]}); KLD and top-1 against the "
+        f"Measured on {Path(report['text']).name}: {report['n_chunks']} chunks of {report['n_ctx']} tokens "
+        f"({report['n_tokens']} of the text's {report['n_text_tokens']} tokens, sha256 {report['token_sha256'][:12]}), "
+        f"{str(report.get('device', 'cpu')).upper()}, {threads or 'all'} threads; KLD and top-1 against the "
         "reference's stored distributions",
         "",
-        "| file | type | size MiB | bpw | ppl ± stderr | Δppl % | mean KLD | 99% KLD | same top % | verdict | tok/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| artifact | type | size MiB | bpw | ppl ± stderr | Δppl % | mean KLD | 99% KLD | same top % | verdict |"
+        + (" tok/s |" if speeds is not None else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---:|" if speeds is not None else ""),
     ]
-    for artifact in result.results:
-        name = artifact.path.name + (" (reference)" if artifact.is_reference else "")
-        metrics = artifact.metrics
-        top1 = metrics.get("top1_agreement")
-        lines.append(
-            f"| {name} | {artifact.quant_type or artifact.format} | {artifact.size_bytes / 2**20:.2f} | {artifact.bpw:.3f} "
-            f"| {artifact.ppl:.4f} ± {artifact.ppl_stderr:.4f} | {result.delta_ppl_pct(artifact):+.3f} "
-            f"| {_cell(metrics.get('kld_mean'), '.5f')} | {_cell(metrics.get('kld_p99'), '.4f')} "
-            f"| {_cell(100.0 * top1 if top1 is not None else None, '.2f')} | {_verdict(artifact)} "
-            f"| {artifact.tokens_per_second:.1f} |"
-        )
-    for artifact in result.results:
-        check = artifact.tokenization
-        if check is not None and not check.identical:
-            lines.append(f"\n{artifact.path.name}: its own tokenizer gives {check.artifact_tokens} tokens of the text vs the "
-                         f"reference's {check.reference_tokens} ({100 * check.difference:.3f} % changed, from token "
-                         f"{check.first_difference}); its figures are on the reference's ids")
-    for artifact in result.failed:
-        lines.append(f"\n{artifact.path.name} fails its {artifact.quant_type} thresholds: {'; '.join(artifact.failures)}")
+    for art in report["artifacts"]:
+        top1 = art.get("top1_agreement")
+        row = (f"| {art['name']} | {art['quant_type'] or art['format']} | {art['size_bytes'] / 2**20:.2f} "
+               f"| {art['bpw']:.3f} | {_cell(art['ppl'], '.4f')} ± {_cell(art['ppl_stderr'], '.4f')} "
+               f"| {_cell(art['delta_ppl_pct'], '+.3f')} | {_cell(art.get('kld_mean'), '.5f')} "
+               f"| {_cell(art.get('kld_p99'), '.4f')} | {_cell(100.0 * top1 if top1 is not None else None, '.2f')} "
+               f"| {art['verdict']} |")
+        lines.append(row + (f" {_cell(speeds.get(art['path']), '.1f')} |" if speeds is not None else ""))
+    for art in report["artifacts"]:
+        check = art.get("tokenization")
+        if check is not None and not check["identical"]:
+            changed = 100 * check["changed_tokens"] / max(1, check["reference_tokens"])
+            lines.append(f"\n{art['name']}: its own tokenizer gives {check['artifact_tokens']} tokens of the text vs the "
+                         f"reference's {check['reference_tokens']} ({changed:.3f} % changed, from token "
+                         f"{check['first_difference']}); its figures are on the reference's ids")
+    for art in report["artifacts"]:
+        if art["passed"] is False:
+            lines.append(f"\n{art['name']} fails its {art['quant_type'] or art['format']} thresholds: "
+                         f"{'; '.join(art['failures'])}")
     return "\n".join(lines)
+
+
+def markdown_table(result: VerifyResult) -> str:
+    """:func:`parity_table` of ``result``'s report, with each artifact's speed."""
+    return parity_table(report_dict(result), {path: t["tokens_per_second"] for path, t in timings(result).items()})
 
 
 # marker style per artifact format: one chart for GGUF and GPTQ alike
 _STYLES = {"gguf": ("o", "tab:blue", "GGUF"), "gptq": ("s", "tab:orange", "GPTQ"), "hf": ("D", "tab:green", "HF checkpoint")}
 
 
-def write_plot(result: VerifyResult, path: str | Path, title: str | None = None) -> Path:
+def write_plot(report: Mapping[str, Any], path: str | Path, title: str | None = None) -> Path:
     """bits per weight vs mean KLD (left) and vs Δppl % (right), one point per artifact, the reference starred."""
     import matplotlib
 
@@ -121,27 +153,28 @@ def write_plot(result: VerifyResult, path: str | Path, title: str | None = None)
     path = Path(path)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
     seen: set[str] = set()
-    for artifact in result.artifacts:
-        marker, colour, label = _STYLES.get(artifact.format, ("^", "tab:gray", artifact.format))
-        kld = artifact.metrics.get("kld_mean", math.nan)
-        for axis, value in ((left, kld), (right, result.delta_ppl_pct(artifact))):
-            axis.scatter(artifact.bpw, value, marker=marker, color=colour, edgecolors="black" if artifact.passed else "red",
-                         linewidths=0.6 if artifact.passed else 1.8, zorder=3, label=None if label in seen else label)
-            axis.annotate(artifact.quant_type, (artifact.bpw, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    artifacts = [a for a in report["artifacts"] if not a["is_reference"]]
+    for art in artifacts:
+        marker, colour, label = _STYLES.get(art["format"], ("^", "tab:gray", art["format"]))
+        kld, delta = (math.nan if art.get(k) is None else art[k] for k in ("kld_mean", "delta_ppl_pct"))
+        for axis, value in ((left, kld), (right, delta)):
+            axis.scatter(art["bpw"], value, marker=marker, color=colour, edgecolors="black" if art["passed"] else "red",
+                         linewidths=0.6 if art["passed"] else 1.8, zorder=3, label=None if label in seen else label)
+            axis.annotate(art["quant_type"], (art["bpw"], value), textcoords="offset points", xytext=(4, 4), fontsize=7)
         seen.add(label)
-    reference = result.reference
+    reference = next(a for a in report["artifacts"] if a["is_reference"])
     for axis in (left, right):
-        axis.scatter(reference.bpw, 0.0, marker="*", s=160, color="gold", edgecolors="black", zorder=4,
-                     label=f"fp16 reference ({reference.quant_type})")
+        axis.scatter(reference["bpw"], 0.0, marker="*", s=160, color="gold", edgecolors="black", zorder=4,
+                     label=f"fp16 reference ({reference['quant_type']})")
         axis.set_xlabel("bits per weight")
         axis.grid(True, alpha=0.3)
     left.set_ylabel("mean KL divergence vs reference (nats)")
-    if any(a.metrics.get("kld_mean", 0) > 0 for a in result.artifacts):
+    if any((a.get("kld_mean") or 0) > 0 for a in artifacts):
         left.set_yscale("symlog", linthresh=1e-4)
     right.set_ylabel("Δ perplexity vs reference (%)")
     left.legend(fontsize=8, loc="upper right")
-    fig.suptitle(title or f"{result.reference_dir.name}: quality vs size ({result.n_chunks}×{result.n_ctx} tokens of "
-                 f"{result.text.name})", fontsize=10)
+    fig.suptitle(title or f"{Path(report['reference']).name}: quality vs size ({report['n_chunks']}×{report['n_ctx']} "
+                 f"tokens of {Path(report['text']).name})", fontsize=10)
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})  # no version string: same figures, same bytes
@@ -150,9 +183,10 @@ def write_plot(result: VerifyResult, path: str | Path, title: str | None = None)
 
 
 def write_report(result: VerifyResult, directory: str | Path, stem: str = "report") -> dict[str, Path]:
-    """``stem.md``, ``stem.json`` and ``stem.png`` in ``directory``."""
+    """``stem.md`` (with speeds), ``stem.json`` and ``stem.png`` in ``directory``."""
     directory = Path(directory)
+    report = report_dict(result)
     md = directory / f"{stem}.md"
     write_text_atomic(md, markdown_table(result) + f"\n\n![quality vs size]({stem}.png)\n")
-    return {"markdown": md, "json": write_json_report(result, directory / f"{stem}.json"),
-            "png": write_plot(result, directory / f"{stem}.png")}
+    return {"markdown": md, "json": write_json(report, directory / f"{stem}.json"),
+            "png": write_plot(report, directory / f"{stem}.png")}

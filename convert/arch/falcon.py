@@ -35,10 +35,10 @@ from typing import Any
 import gguf
 import numpy as np
 
-from quantmill.convert.arch import register
 from quantmill.convert.arch.base import Architecture, DecoderSpec, HParams
 from quantmill.convert.arch.fields import check_fields
 from quantmill.convert.arch.llama import check_rope_type, rope_parameters_from_config, write_rope_keys
+from quantmill.convert.arch.registry import register
 from quantmill.errors import InputFileError, UnsupportedError
 
 T = gguf.MODEL_TENSOR

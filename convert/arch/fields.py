@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantmill.convert.rope import MAX_CONTEXT
 from quantmill.errors import InputFileError
 
 FIX = "fix config.json"
@@ -56,7 +57,7 @@ class Real:
 
 COUNT = Int(1, 1024)  # layers, heads
 WIDTH = Int(1, 1 << 16)  # hidden size, head dim
-CONTEXT = Int(1, 1 << 24)
+CONTEXT = Int(1, MAX_CONTEXT)
 EPS = Real(0.0, 1.0)
 POSITIVE = Real(0.0)
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import gguf
 
-from quantmill.convert.arch import register
 from quantmill.convert.arch.base import DecoderSpec, HParams
 from quantmill.convert.arch.extra_keys import add_value
 from quantmill.convert.arch.llama import LlamaArchitecture
+from quantmill.convert.arch.registry import register
 from quantmill.convert.lckv.config import MODEL_TYPE, check_kv_tensors, parse_lckv
 
 

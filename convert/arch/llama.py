@@ -21,15 +21,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import gguf
 import numpy as np
 
-from quantmill.convert.arch import register
 from quantmill.convert.arch.base import Architecture, DecoderSpec, GgufToHfSpec, HParams, PreNormLayout
 from quantmill.convert.arch.extra_keys import add_config_fields
 from quantmill.convert.arch.fields import check_fields, check_rope
+from quantmill.convert.arch.registry import register
 from quantmill.errors import InputFileError, UnsupportedError
 
 T = gguf.MODEL_TENSOR
@@ -150,7 +150,7 @@ class LlamaArchitecture(Architecture):
     gguf_arch = gguf.MODEL_ARCH.LLAMA
     row_transforms = {T.ATTN_Q: _permute_q, T.ATTN_K: _permute_k}
     decoder = DecoderSpec(_llama_classes, LLAMA_LAYOUT.groups, flow="pre-norm", pre_norm=LLAMA_LAYOUT)
-    gguf_to_hf = GgufToHfSpec(
+    gguf_to_hf: ClassVar[GgufToHfSpec | None] = GgufToHfSpec(
         "llama", "LlamaForCausalLM", _llama_model_class,
         permuted_rows={"attn_q.weight": "num_attention_heads", "attn_k.weight": "num_key_value_heads"},
     )

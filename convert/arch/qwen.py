@@ -25,17 +25,17 @@ per-frequency factor tensors the qwen graphs never read, so they are refused.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import gguf
 
-from quantmill.convert.arch import register
 from quantmill.convert.arch.base import Architecture, DecoderSpec, HParams
 from quantmill.convert.arch.fields import check_fields
 from quantmill.convert.arch.llama import LLAMA_LAYOUT, check_rope_type, rope_parameters_from_config, write_text_model_keys
+from quantmill.convert.arch.registry import register
 from quantmill.errors import InputFileError, UnsupportedError
+from quantmill.jsonio import read_json, read_json_object
 
 # What transformers' Qwen2Config / Qwen3Config fill in for absent fields (transformers 5).
 QWEN2_DEFAULTS: dict[str, Any] = {
@@ -60,28 +60,19 @@ QWEN_STAGES = frozenset({"convert", "statistics", "gptq", "gguf-quantize", "veri
 POOLING_KEY = "quantmill.pooling_type"  # hparams entry (not a config field) carrying the pooling type
 
 
-def _read_json_object(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFileError(path, f"cannot be read as JSON ({exc})", "fix or remove the file") from exc
-
-
 def sentence_transformers_pooling(model_dir: Path) -> gguf.PoolingType | None:
     """The pooling type of a sentence-transformers directory (modules.json), as llama.cpp reads it."""
     modules_path = model_dir / "modules.json"
     if not modules_path.is_file():
         return None
-    modules = _read_json_object(modules_path)
+    modules = read_json(modules_path, "fix or remove the file")
     pooling_dir = next(
         (m.get("path") for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith("Pooling")), None
     ) if isinstance(modules, list) else None
     if pooling_dir is None:
         return None
     config_path = model_dir / str(pooling_dir) / "config.json"
-    pooling = _read_json_object(config_path)
-    if not isinstance(pooling, dict):
-        raise InputFileError(config_path, "is not a JSON object", "fix the pooling module's config.json")
+    pooling = read_json_object(config_path, "fix the pooling module's config.json")
     for flag, kind in POOLING_FLAGS:
         if pooling.get(flag):
             return kind
@@ -159,7 +150,7 @@ class Qwen2Architecture(Architecture):
         if hp.get(POOLING_KEY) is not None:
             writer.add_pooling_type(hp[POOLING_KEY])
         if (classifier := hp.get("classifier_pooling")) is not None:
-            writer.add_classifier_pooling_type(CLASSIFIER_POOLING[classifier])
+            writer.add_uint32(f"{writer.arch}.classifier.pooling_type", CLASSIFIER_POOLING[classifier].value)  # gguf 0.19 has no adder
 
     def adjust_vocab_keys(self, writer: gguf.GGUFWriter, hp: HParams) -> None:
         # llama.cpp's Qwen2 vocabulary (SentencePiece, else GPT-2 BPE) never writes the

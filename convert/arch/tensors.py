@@ -92,7 +92,7 @@ def check_tensors(arch: Architecture, hp: Mapping[str, Any], entries: Mapping[st
         if want is None:
             continue
         got = tuple(entry.shape)
-        if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
+        if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want, strict=True)):
             shown = [w if w is not None else "?" for w in want]
             raise InputFileError(
                 entry.file, f"tensor {name!r} has shape {list(got)} but {config_path.name} (hidden_size, heads, head_dim,"
@@ -113,7 +113,8 @@ def check_tensors(arch: Architecture, hp: Mapping[str, Any], entries: Mapping[st
                     )
     first = kinds_by_layer.get(0, set())
     for index in range(1, n_layers):
-        missing = sorted({kb for kb in first - kinds_by_layer.get(index, set()) if kb[0] not in per_layer_optional}, key=lambda kb: (kb[0].value, kb[1]))
+        missing = sorted({kb for kb in first - kinds_by_layer.get(index, set()) if kb[0] not in per_layer_optional},
+                         key=lambda kb: (kb[0].value, kb[1]))
         if missing:
             kind, is_bias = missing[0]
             gguf_name = f"blk.{index}.{gguf.TENSOR_NAMES[kind].split('.', 2)[-1]}.{'bias' if is_bias else 'weight'}"

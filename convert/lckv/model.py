@@ -67,7 +67,7 @@ class LckvAttention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.n_head, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        self.n_head, self.n_kv = int(config.num_attention_heads), int(config.num_key_value_heads or config.num_attention_heads)
         bias = bool(getattr(config, "attention_bias", False))
         self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=bias)
         if config.lckv.computes_kv(layer_idx):
@@ -169,12 +169,11 @@ class LckvForCausalLM(nn.Module):
     @classmethod
     def from_checkpoint(cls, model_dir: Path) -> LckvForCausalLM:
         """A safetensors LCKV checkpoint directory, in float32."""
-        import json
-
         from quantmill.convert.safetensors_io import Checkpoint, to_float32
+        from quantmill.jsonio import read_json_object
 
         model_dir = Path(model_dir)
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        config = read_json_object(model_dir / "config.json", "pass an LCKV checkpoint directory with its config.json")
         with Checkpoint(model_dir) as ckpt:
             tensors = [(name, np.array(to_float32(ckpt.array(name), entry.dtype))) for name, entry in sorted(ckpt.entries.items())]
         return cls.from_tensors(config, tensors, model_dir)

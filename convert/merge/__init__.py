@@ -1,6 +1,6 @@
 """LoRA merge and GGUF LoRA export (``quantmill merge``, ``quantmill convert lora-to-gguf``).
 
-Merge semantics, matched against PEFT's ``merge_and_unload`` in tests/test_merge.py:
+Merge semantics, matched against PEFT's ``merge_and_unload`` in tests/convert/test_merge.py:
 
 - Each adapter module gets W' = W + s·B·A (``s`` = alpha/r, or alpha/√r with rsLoRA; r
   and alpha after ``rank_pattern``/``alpha_pattern``), or DoRA's (m/‖W + s·B·A‖)·(W + s·B·A);

@@ -351,7 +351,8 @@ def _build_module(
     if bool(config.get("use_dora")) != (module.magnitude is not None):
         state = "has no" if config.get("use_dora") else "has a"
         raise InputFileError(
-            adapter_file, f"module {key!r} {state} DoRA magnitude but use_dora is {bool(config.get('use_dora'))}", "fix use_dora in adapter_config.json"
+            adapter_file, f"module {key!r} {state} DoRA magnitude but use_dora is {bool(config.get('use_dora'))}",
+            "fix use_dora in adapter_config.json"
         )
     return module
 

@@ -171,7 +171,8 @@ def dequantize_4bit(ckpt: Checkpoint, weight: str, quant_type: str) -> tuple[tor
     absmax = _tensor(ckpt, f"{weight}.absmax", weight)
     if "nested_blocksize" in state:
         absmax = _blockwise(
-            absmax, _tensor(ckpt, f"{weight}.nested_quant_map", weight), _tensor(ckpt, f"{weight}.nested_absmax", weight), int(state["nested_blocksize"])
+            absmax, _tensor(ckpt, f"{weight}.nested_quant_map", weight), _tensor(ckpt, f"{weight}.nested_absmax", weight),
+            int(state["nested_blocksize"])
         ) + float(state.get("nested_offset", 0.0))
     values = _blockwise(codes[:n], _tensor(ckpt, f"{weight}.quant_map", weight), absmax, int(state["blocksize"]))
     dtype = str(state.get("dtype", "float16"))

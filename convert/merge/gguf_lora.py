@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantmill.atomic import atomic_file
-from quantmill.outputs import check_output, gguf_signature
 from quantmill.convert.merge.adapter import Adapter, LoraModule, load_adapter
 from quantmill.convert.merge.plan import EMBEDDING_PAIRS, Replace, build_plan
 from quantmill.errors import UnsupportedError, UserInputError
 from quantmill.jsonio import read_json_object
+from quantmill.outputs import check_output, gguf_signature
 
 if TYPE_CHECKING:
     import gguf

@@ -20,11 +20,12 @@ from quantmill.atomic import atomic_dir, refuse_unrelated_dir
 from quantmill.convert.merge import bnb
 from quantmill.convert.merge.adapter import CONFIG_NAME as ADAPTER_CONFIG
 from quantmill.convert.merge.adapter import Adapter, load_adapter
-from quantmill.hashing import sha256_file
 from quantmill.convert.merge.lora import merged_weight
 from quantmill.convert.merge.plan import MergePlan, Replace, TensorPlan, build_plan
-from quantmill.convert.merge.writer import FLOAT_CODES, OutputTensor, encode_float, write_checkpoint
+from quantmill.convert.safetensors_io import FLOAT_CODES, FLOAT_DTYPES, OutputTensor, encode_float, write_checkpoint
 from quantmill.errors import InputFileError, UnsupportedError, UserInputError
+from quantmill.hashing import sha256_file
+from quantmill.jsonio import read_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -38,9 +39,7 @@ TOKENIZER_FILES = (
     "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
 BASE_FILES = ("generation_config.json", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "USE_POLICY.md")
-FLOAT_STORAGE = ("F32", "F16", "BF16", "F64")
-CODE_OF_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-DTYPE_OF_CODE = {code: name for name, code in CODE_OF_DTYPE.items()}
+DTYPE_OF_CODE = {code: name for name, code in FLOAT_CODES.items()}
 
 
 @dataclass
@@ -66,7 +65,7 @@ class _Base:
 
     def dtype_code(self, name: str) -> str:
         if name in self.quantized:
-            return CODE_OF_DTYPE.get(str(self.states[name].get("dtype")), "F16")
+            return FLOAT_CODES.get(str(self.states[name].get("dtype")), "F16")
         return self.ckpt.entries[name].dtype
 
     def float32(self, name: str) -> torch.Tensor:
@@ -82,18 +81,6 @@ class _Base:
 
     def comparable(self, name: str) -> torch.Tensor | None:
         return None if name in self.quantized else self.float32(name)
-
-
-def _read_json(path: Path, fix: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise InputFileError(path, "missing", fix)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFileError(path, f"not valid JSON ({exc})", fix) from exc
-    if not isinstance(data, dict):
-        raise InputFileError(path, "is not a JSON object", fix)
-    return data
 
 
 def _name_candidates(base_dir: Path, config: dict[str, Any], adapters: list[Adapter]) -> list[str]:
@@ -125,7 +112,7 @@ def _output_tensors(plan: MergePlan, base: _Base, dtype: str | None) -> list[Out
     out: list[OutputTensor] = []
     for tp in plan.tensors.values():
         code = base.dtype_code(tp.source)
-        if code not in FLOAT_STORAGE:
+        if code not in FLOAT_DTYPES:
             if tp.steps:
                 raise UnsupportedError(f"base tensor {tp.source!r} has dtype {code}; an adapter can only change floating-point tensors")
         elif dtype is not None:
@@ -280,7 +267,7 @@ def merge_adapters(
     if out_dir.resolve() == base_dir.resolve() or any(out_dir.resolve() == Path(a).resolve() for a, _ in adapters):
         raise UserInputError(f"--out {out_dir} is an input directory; choose a new output directory")
     refuse_unrelated_dir(out_dir, METADATA_NAME, "merge", (base_dir, *(Path(a) for a, _ in adapters)))
-    config = _read_json(base_dir / "config.json", "pass a Hugging Face model directory with its config.json")
+    config = read_json_object(base_dir / "config.json", "pass a Hugging Face model directory with its config.json")
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(Checkpoint(base_dir))
         loaded: list[Adapter] = []
@@ -306,7 +293,7 @@ def merge_adapters(
                 )
         outputs = _output_tensors(plan, base, dtype)
         new_config = _merged_config(config, plan, dtype, bool(quantized))
-        out_dtype = dtype or sorted({DTYPE_OF_CODE.get(t.dtype, t.dtype) for t in outputs if t.dtype in CODE_OF_DTYPE.values()} or {"float32"})[0]
+        out_dtype = dtype or sorted({DTYPE_OF_CODE.get(t.dtype, t.dtype) for t in outputs if t.dtype in DTYPE_OF_CODE} or {"float32"})[0]
         with atomic_dir(out_dir) as tmp:
             files = write_checkpoint(
                 tmp, outputs, lambda t: _produce(t, plan.tensors[t.name], base, loaded), max_shard_bytes, _progress(progress)

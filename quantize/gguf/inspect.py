@@ -6,8 +6,14 @@ the ``_S``/``_M``/``_L`` mixes upgrade chosen tensors, so only the file tells th
 """
 from __future__ import annotations
 
+import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType
 
 from quantmill.errors import InputFileError
 
@@ -94,38 +100,59 @@ def check_gguf_magic(path: Path) -> None:
         raise InputFileError(path, "not a GGUF file (bad magic)", "give a .gguf model file")
 
 
-def summarize_gguf(path: str | Path) -> GGUFSummary:
-    """Read ``path``'s tensor table (memory-mapped, no tensor data is copied)."""
-    from gguf import GGUFReader
+class _TableReader(GGUFReader):
+    """gguf-py's reader (gguf==0.19.0, pinned) keeping each metadata array as ONE byte block: the library
+    makes a numpy view per element, about 4 s for a 49k vocabulary. An array is only walked to its end
+    here; the rest is the library's own parser. Nothing here reads an array's ``contents()``."""
 
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[Any], list[int], list[Any]]:
+        item = GGUFValueType(int(self._get(orig_offs, np.uint32)[0])) if raw_type == GGUFValueType.ARRAY else None
+        if item is None or item == GGUFValueType.ARRAY:  # scalars, strings, nested arrays: the library's way
+            return super()._get_field_parts(orig_offs, raw_type)
+        end, count = orig_offs + 12, int(self._get(orig_offs + 4, np.uint64)[0])
+        if item == GGUFValueType.STRING:
+            length = struct.Struct("<Q" if (self.byte_order == "I") == (sys.byteorder == "little") else ">Q")
+            view = memoryview(self.data)
+            try:
+                for _ in range(count):
+                    end += 8 + length.unpack_from(view, end)[0]
+            except struct.error as exc:
+                raise ValueError(f"string array at byte {orig_offs} runs past the end of the file") from exc
+        else:
+            end += count * np.dtype(self.gguf_scalar_to_np[item]).itemsize
+        if end > self.data.size:
+            raise ValueError(f"array at byte {orig_offs} runs past the end of the file")
+        return end - orig_offs, [self._get(orig_offs, np.uint8, end - orig_offs)], [], [GGUFValueType.ARRAY, item]
+
+
+def read_gguf(path: str | Path) -> tuple[GGUFSummary, Any]:
+    """``path``'s summary and its memory-mapped reader (whose ``tensors`` give the data), read once."""
     path = Path(path)
     check_gguf_magic(path)
     try:
-        reader = GGUFReader(path, "r")
-    except (ValueError, OSError, IndexError) as exc:
+        reader = _TableReader(path, "r")
+    except (ValueError, OSError, IndexError, KeyError, OverflowError) as exc:
         raise InputFileError(path, f"malformed GGUF ({exc})", "re-create the file") from exc
     tensors = tuple(
-        TensorInfo(
-            name=t.name,
-            type_name=t.tensor_type.name,
-            shape=tuple(int(d) for d in t.shape),
-            n_elements=int(t.n_elements),
-            n_bytes=int(t.n_bytes),
-        )
+        TensorInfo(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape), int(t.n_elements), int(t.n_bytes))
         for t in reader.tensors
     )
-    file_type_field = reader.fields.get("general.file_type")
-    file_type = int(file_type_field.contents()) if file_type_field is not None else None
-    arch_field = reader.fields.get("general.architecture")
-    return GGUFSummary(
+    file_type, arch = reader.fields.get("general.file_type"), reader.fields.get("general.architecture")
+    summary = GGUFSummary(
         path=path,
         file_size=path.stat().st_size,
-        file_type=file_type,
+        file_type=int(file_type.contents()) if file_type is not None else None,
         tensors=tensors,
         by_type=_totals_by_type(tensors),
-        architecture=str(arch_field.contents()) if arch_field is not None else "",
+        architecture=str(arch.contents()) if arch is not None else "",
         keys=tuple(k for k in reader.fields if not k.startswith("GGUF.")),
     )
+    return summary, reader
+
+
+def summarize_gguf(path: str | Path) -> GGUFSummary:
+    """Read ``path``'s tensor table (memory-mapped, no tensor data is copied)."""
+    return read_gguf(path)[0]
 
 
 def _totals_by_type(tensors: tuple[TensorInfo, ...]) -> dict[str, TypeTotals]:
@@ -140,17 +167,10 @@ def _totals_by_type(tensors: tuple[TensorInfo, ...]) -> dict[str, TypeTotals]:
 
 def format_summary(summary: GGUFSummary) -> str:
     """A short markdown table of per-type totals plus the file's overall figures."""
-    lines = [
-        "| type | tensors | weights | MiB | bpw |",
-        "|---|---:|---:|---:|---:|",
-    ]
+    lines = ["| type | tensors | weights | MiB | bpw |", "|---|---:|---:|---:|---:|"]
     for totals in summary.by_type.values():
-        lines.append(
-            f"| {totals.type_name} | {totals.n_tensors} | {totals.n_elements:,} "
-            f"| {totals.n_bytes / 2**20:.2f} | {totals.bpw:.3f} |"
-        )
-    lines.append(
-        f"| **all** | {len(summary.tensors)} | {summary.n_elements:,} "
-        f"| {summary.tensor_bytes / 2**20:.2f} | {summary.bpw:.3f} |"
-    )
+        lines.append(f"| {totals.type_name} | {totals.n_tensors} | {totals.n_elements:,} "
+                     f"| {totals.n_bytes / 2**20:.2f} | {totals.bpw:.3f} |")
+    lines.append(f"| **all** | {len(summary.tensors)} | {summary.n_elements:,} "
+                 f"| {summary.tensor_bytes / 2**20:.2f} | {summary.bpw:.3f} |")
     return "\n".join(lines)

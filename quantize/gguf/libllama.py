@@ -17,10 +17,10 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from gguf.constants import GGMLQuantizationType
@@ -28,17 +28,8 @@ from gguf.constants import GGMLQuantizationType
 from quantmill.atomic import atomic_file
 from quantmill.outputs import check_output, gguf_signature
 from quantmill.errors import OutputError, InputFileError, ToolError, UnsupportedError, UserInputError
-from quantmill.quantize.gguf.inspect import GGUFSummary, check_gguf_magic, summarize_gguf
-from quantmill.quantize.gguf.types import (
-    FILE_TYPES,
-    ALIASES,
-    GGUFFileType,
-    lookup_file_type,
-    parse_tensor_type,
-)
-
-if TYPE_CHECKING:
-    import numpy as np
+from quantmill.quantize.gguf.inspect import GGUFSummary, check_gguf_magic, read_gguf, summarize_gguf
+from quantmill.quantize.gguf.types import ALIASES, FILE_TYPES, GGUFFileType, lookup_file_type, parse_tensor_type
 
 LOG = logging.getLogger("quantmill.libllama")
 
@@ -46,18 +37,13 @@ LOG = logging.getLogger("quantmill.libllama")
 _GGML_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 _GGML_LEVEL_CONT = 5
 
+_T = GGMLQuantizationType
 # Tensor types llama.cpp refuses to produce without an importance matrix.
-IMATRIX_TENSOR_TYPES = frozenset(
-    {
-        GGMLQuantizationType.IQ1_S,
-        GGMLQuantizationType.IQ1_M,
-        GGMLQuantizationType.IQ2_XXS,
-        GGMLQuantizationType.IQ2_XS,
-        GGMLQuantizationType.IQ2_S,
-        GGMLQuantizationType.IQ3_XXS,
-    }
-)
-_FLOAT_TYPE_NAMES = frozenset({"F32", "F16", "BF16"})
+IMATRIX_TENSOR_TYPES = frozenset({_T.IQ1_S, _T.IQ1_M, _T.IQ2_XXS, _T.IQ2_XS, _T.IQ2_S, _T.IQ3_XXS})
+# The float tensor types → (their bits as an integer, the exponent mask): a NaN or an infinity has
+# every exponent bit set, so its bits without the sign reach the mask (no float conversion needed).
+_EXPONENT_BITS = {_T.F32: (np.uint32, 0x7F800000), _T.F16: (np.uint16, 0x7C00), _T.BF16: (np.uint16, 0x7F80)}
+FINITE_CHECK_ELEMENTS = 1 << 20
 
 # libllama's per-tensor fallback warning (src/llama-quant.cpp, tensor_type_fallback).
 _FALLBACK_RE = re.compile(
@@ -150,9 +136,7 @@ class TensorOverride:
     def parse(cls, spec: str) -> TensorOverride:
         pattern, sep, type_name = spec.rpartition("=")
         if not sep or not pattern or not type_name:
-            raise UserInputError(
-                f"--override-tensor {spec!r}: expected REGEX=TYPE, e.g. 'ffn_down=Q6_K'"
-            )
+            raise UserInputError(f"--override-tensor {spec!r}: expected REGEX=TYPE, e.g. 'ffn_down=Q6_K'")
         try:
             re.compile(pattern)
         except re.error as exc:
@@ -180,10 +164,7 @@ class QuantizeResult:
 
 
 _TYPE_SUFFIX_RE = re.compile(
-    r"^(?P<stem>.+?)[-.](?P<type>"
-    + "|".join(sorted({*FILE_TYPES, *ALIASES}, key=len, reverse=True))
-    + r")$",
-    re.IGNORECASE,
+    r"^(?P<stem>.+?)[-.](?P<type>" + "|".join(sorted({*FILE_TYPES, *ALIASES}, key=len, reverse=True)) + r")$", re.IGNORECASE
 )
 
 
@@ -200,31 +181,34 @@ def parse_overrides(specs: Sequence[str]) -> tuple[TensorOverride, ...]:
     return tuple(TensorOverride.parse(spec) for spec in specs)
 
 
-FINITE_CHECK_ELEMENTS = 1 << 22
+def check_tensor_data(reader: Any, source: Path) -> None:
+    """Refuse an empty tensor (libllama divides by its size) and NaN/Inf in float tensors, naming the first in file
+    order. The float tensors are scanned on every core: numpy lets go of the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
 
-
-def check_tensor_data(source: Path) -> None:
-    """Refuse an empty tensor (libllama divides by its size) and NaN/Inf in float tensors, naming the tensor."""
-    from gguf import GGMLQuantizationType, GGUFReader
-
-    try:
-        reader = GGUFReader(source, "r")
-    except (ValueError, OSError, IndexError) as exc:
-        raise InputFileError(source, f"malformed GGUF ({exc})", "re-create the file") from exc
-    for tensor in reader.tensors:
-        if int(tensor.n_elements) == 0:
-            raise InputFileError(source, f"tensor {tensor.name!r} is empty (shape {[int(d) for d in tensor.shape]})",
-                                 "re-create the GGUF from a complete checkpoint")
-        if tensor.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
-            continue
-        flat = np.asarray(tensor.data).reshape(-1)
-        for start in range(0, flat.size, FINITE_CHECK_ELEMENTS):
-            chunk = flat[start:start + FINITE_CHECK_ELEMENTS]
-            if tensor.tensor_type == GGMLQuantizationType.BF16:
-                chunk = (chunk.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-            if not np.isfinite(chunk).all():
+    tensors = list(reader.tensors)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        for tensor, finite in zip(tensors, pool.map(_is_finite, tensors)):
+            if int(tensor.n_elements) == 0:
+                raise InputFileError(source, f"tensor {tensor.name!r} is empty (shape {[int(d) for d in tensor.shape]})",
+                                     "re-create the GGUF from a complete checkpoint")
+            if not finite:
                 raise InputFileError(source, f"tensor {tensor.name!r} holds NaN or infinite values",
                                      "fix the weights and re-create the GGUF; quantmill never quantizes non-finite weights")
+
+
+def _is_finite(tensor: Any) -> bool:
+    """No element of a float tensor has every exponent bit set (other types, and empty tensors, pass)."""
+    if tensor.tensor_type not in _EXPONENT_BITS or not int(tensor.n_elements):
+        return True
+    bits, exponent = _EXPONENT_BITS[tensor.tensor_type]
+    flat = np.asarray(tensor.data).reshape(-1).view(bits)
+    buffer = np.empty(min(flat.size, FINITE_CHECK_ELEMENTS), bits)
+    for start in range(0, flat.size, FINITE_CHECK_ELEMENTS):
+        chunk = flat[start:start + FINITE_CHECK_ELEMENTS]
+        if np.bitwise_and(chunk, np.iinfo(bits).max >> 1, out=buffer[:chunk.size]).max() >= exponent:
+            return False
+    return True
 
 
 def _check_request(
@@ -233,46 +217,36 @@ def _check_request(
     file_type: GGUFFileType,
     overrides: Sequence[TensorOverride],
     allow_requantize: bool,
-    imatrix: Mapping[str, np.ndarray] | None,
-) -> None:
+    imatrix: str | Path | None,
+) -> GGUFSummary:
+    """Refuse a request libllama would abort on or get wrong; return the source's summary (read once)."""
     if file_type.needs_imatrix and imatrix is None:
-        raise UserInputError(
-            f"--type {file_type.name}: this type needs an importance matrix; pass --imatrix FILE "
-            "(make one with `quantmill calibrate`) or choose a type that does not (e.g. Q4_K_M)"
-        )
+        raise UserInputError(f"--type {file_type.name}: this type needs an importance matrix; pass --imatrix FILE "
+                             "(make one with `quantmill calibrate`) or choose a type that does not (e.g. Q4_K_M)")
     if output.resolve() == source.resolve():
         raise UserInputError(f"{output}: output would overwrite the input; pass --out with another name")
-    inputs = [source] + ([Path(imatrix)] if isinstance(imatrix, (str, Path)) else [])
+    inputs = [source, *([Path(imatrix)] if imatrix is not None else [])]
     check_output(output, kind="file", flag="--out", command="quantize gguf", inputs=inputs, owned=gguf_signature)
     if overrides and not file_type.is_quantized:
-        raise UnsupportedError(
-            f"--override-tensor: libllama ignores overrides for --type {file_type.name}; "
-            "use a quantized type or drop the overrides"
-        )
+        raise UnsupportedError(f"--override-tensor: libllama ignores overrides for --type {file_type.name}; "
+                               "use a quantized type or drop the overrides")
     for override in overrides:
         if override.tensor_type in IMATRIX_TENSOR_TYPES and imatrix is None:
-            raise UnsupportedError(
-                f"--override-tensor {override.pattern}={override.tensor_type.name}: this tensor type "
-                "needs an importance matrix; choose another type"
-            )
-    summary = summarize_gguf(source)
+            raise UnsupportedError(f"--override-tensor {override.pattern}={override.tensor_type.name}: this tensor type "
+                                   "needs an importance matrix; choose another type")
+    summary, reader = read_gguf(source)
     summary.require("gguf-quantize")
     names = [t.name for t in summary.tensors]
     for override in overrides:
         if not any(re.search(override.pattern, name) for name in names):
-            raise UserInputError(
-                f"--override-tensor {override.pattern!r}: matches no tensor in {source}; "
-                f"tensor names look like {names[len(names) // 2]!r}"
-            )
-    check_tensor_data(source)
-    requantized = sorted(
-        t.name for t in summary.tensors if len(t.shape) >= 2 and t.type_name not in _FLOAT_TYPE_NAMES
-    )
+            raise UserInputError(f"--override-tensor {override.pattern!r}: matches no tensor in {source}; "
+                                 f"tensor names look like {names[len(names) // 2]!r}")
+    check_tensor_data(reader, source)
+    requantized = sorted(t.name for t in summary.tensors if len(t.shape) >= 2 and _T[t.type_name] not in _EXPONENT_BITS)
     if requantized and not allow_requantize:
-        raise UserInputError(
-            f"{source}: already quantized ({len(requantized)} tensors, e.g. {requantized[0]}); "
-            "start from an F32/F16/BF16 GGUF, or pass --allow-requantize (compounds the error)"
-        )
+        raise UserInputError(f"{source}: already quantized ({len(requantized)} tensors, e.g. {requantized[0]}); "
+                             "start from an F32/F16/BF16 GGUF, or pass --allow-requantize (compounds the error)")
+    return summary
 
 
 def _build_params(
@@ -303,20 +277,16 @@ def _build_params(
     return params, table, keep_alive
 
 
-def _attach_imatrix(params: Any, imatrix_path: Path, source: Path) -> list[Any]:
+def _attach_imatrix(params: Any, imatrix_path: Path, summary: GGUFSummary) -> list[Any]:
     """Point ``params`` at the imatrix means and its ``quantize.imatrix.*`` keys; return keepalives."""
     from quantmill.quantize.gguf.imatrix import imatrix_means, read_imatrix
-    from quantmill.quantize.gguf.imatrix_data import (
-        check_imatrix_fits,
-        imatrix_kv_overrides,
-        imatrix_param_array,
-        kv_override_array,
-    )
+    from quantmill.quantize.gguf.imatrix_data import check_imatrix_fits, imatrix_kv_overrides, imatrix_param_array, kv_override_array
 
     imatrix = read_imatrix(imatrix_path)
-    rows = {t.name: int(t.shape[0]) for t in summarize_gguf(source).tensors if len(t.shape) >= 2}
-    check_imatrix_fits(imatrix_means(imatrix), rows, imatrix_path, source)
-    params.imatrix, keep = imatrix_param_array(imatrix)
+    rows = {t.name: int(t.shape[0]) for t in summary.tensors if len(t.shape) >= 2}
+    means = imatrix_means(imatrix)
+    check_imatrix_fits(means, rows, imatrix_path, summary.path)
+    params.imatrix, keep = imatrix_param_array(means)
     params.kv_overrides, kv_keep = kv_override_array(imatrix_kv_overrides(imatrix, imatrix_path.name))
     return [*keep, *kv_keep]
 
@@ -335,9 +305,21 @@ def _parse_fallbacks(warnings: Sequence[str]) -> tuple[Fallback, ...]:
     return tuple(found[name] for name in sorted(found))
 
 
-def _advance(bar: Any, done: int, total: int) -> None:
-    bar.total = total
-    bar.update(done - bar.n)
+@contextlib.contextmanager
+def _progress(desc: str, show: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """``on_tensor`` for :func:`libllama_log`: a progress bar on stderr (tqdm is imported only to show one)."""
+    if not show:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(desc=desc, unit="tensor", leave=False) as bar:
+
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield advance
 
 
 # libllama writes through a C++ ofstream: a failed write surfaces as an iostream error, not an errno
@@ -387,32 +369,22 @@ def quantize_gguf(
     check_gguf_magic(source)
     spec = file_type if isinstance(file_type, GGUFFileType) else lookup_file_type(file_type)
     target = Path(output) if output is not None else default_output_path(source, spec)
-    _check_request(source, target, spec, overrides, allow_requantize, imatrix)
+    summary = _check_request(source, target, spec, overrides, allow_requantize, imatrix)
 
     import llama_cpp
 
-    from tqdm import tqdm
-
     params, _table, _keep = _build_params(spec, overrides, threads, allow_requantize)
     if imatrix is not None:
-        _keep.extend(_attach_imatrix(params, Path(imatrix), source))
+        _keep.extend(_attach_imatrix(params, Path(imatrix), summary))
     started = time.perf_counter()
     with (
-        tqdm(desc=f"quantize {spec.name}", unit="tensor", disable=not progress, leave=False) as bar,
+        _progress(f"quantize {spec.name}", progress) as on_tensor,
         atomic_file(target) as tmp,
-        libllama_log(on_tensor=lambda done, total: _advance(bar, done, total)) as log,
+        libllama_log(on_tensor=on_tensor) as log,
     ):
-        status = llama_cpp.llama_model_quantize(
-            os.fsencode(source), os.fsencode(tmp), ctypes.byref(params)
-        )
+        status = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(tmp), ctypes.byref(params))
         if status != 0:
             raise _quantize_failure(source, target, spec.name, log.error_summary())
         fallbacks = _parse_fallbacks(log.warnings)
     seconds = time.perf_counter() - started
-    return QuantizeResult(
-        output=target,
-        file_type=spec,
-        summary=summarize_gguf(target),
-        fallbacks=fallbacks,
-        seconds=seconds,
-    )
+    return QuantizeResult(output=target, file_type=spec, summary=summarize_gguf(target), fallbacks=fallbacks, seconds=seconds)

@@ -88,11 +88,6 @@ FILE_TYPES: dict[str, GGUFFileType] = {row[0]: GGUFFileType(*row) for row in _RO
 ALIASES: dict[str, str] = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
 
-def file_type_names() -> list[str]:
-    """Every accepted name, in table order (aliases not included)."""
-    return list(FILE_TYPES)
-
-
 def lookup_file_type(name: str) -> GGUFFileType:
     """The table row for ``name`` (case-insensitive, aliases allowed) or a UserInputError."""
     key = name.strip().upper()

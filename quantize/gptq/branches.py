@@ -22,8 +22,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from quantmill.outputs import check_name
 from quantmill.errors import UserInputError
+from quantmill.outputs import check_name
+from quantmill.quantize.gptq.formats import DEFAULT_FORMAT, FORMAT_WORDS, CheckpointFormat, checkpoint_format
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)  # -1: one group over the whole input dimension
@@ -60,8 +61,6 @@ class BranchSpec:
     format: str = "gptq"  # a key of quantmill.quantize.gptq.formats.FORMATS
 
     def __post_init__(self) -> None:
-        from quantmill.quantize.gptq.formats import checkpoint_format
-
         checkpoint_format(self.format)
         if self.bits not in SUPPORTED_BITS:
             raise UserInputError(
@@ -93,10 +92,8 @@ class BranchSpec:
         return name + self.checkpoint_format.suffix
 
     @property
-    def checkpoint_format(self) -> Any:
+    def checkpoint_format(self) -> CheckpointFormat:
         """The :class:`~quantmill.quantize.gptq.formats.CheckpointFormat` record the branch is written in."""
-        from quantmill.quantize.gptq.formats import checkpoint_format
-
         return checkpoint_format(self.format)
 
     @property
@@ -144,8 +141,6 @@ def parse_branch(spec: str, *, damp_percent: float = DEFAULT_DAMP_PERCENT, true_
     """Parse a short spec (``4bit-128g-actorder``, ``main=4bit-64g``) or a release name.
 
     ``format`` (e.g. the CLI's ``--format``) applies to a spec that does not name one itself."""
-    from quantmill.quantize.gptq.formats import DEFAULT_FORMAT, FORMAT_WORDS
-
     raw = spec.strip()
     name: str | None = None
     if "=" in raw:

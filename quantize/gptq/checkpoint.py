@@ -20,8 +20,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from quantmill import __version__
-from quantmill.convert.merge.writer import OutputTensor, encode_float, write_checkpoint
-from quantmill.convert.safetensors_io import Checkpoint, to_float32
+from quantmill.convert.safetensors_io import Checkpoint, OutputTensor, encode_float, to_float32, write_checkpoint
 from quantmill.quantize.gptq.branches import BranchSpec
 
 QUANTIZE_CONFIG = "quantize_config.json"

@@ -6,7 +6,6 @@ reconstructs; verify evaluates GPTQ branches through it, on CPU.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from quantmill.errors import InputFileError, UnsupportedError
+from quantmill.jsonio import read_json_object
 from quantmill.quantize.gptq.branches import SUPPORTED_BITS
 from quantmill.quantize.gptq.checkpoint import BRANCH_RECORD
 from quantmill.quantize.gptq.packing import TENSOR_SUFFIXES, PackedLinear, dequantize_linear
@@ -30,12 +30,12 @@ _FIX = "re-create the branch with quantmill quantize gptq"
 def read_gptq_config(directory: Path) -> dict[str, Any]:
     """config.json's ``quantization_config`` (else quantize_config.json), checked for a v1 GPTQ checkpoint."""
     directory = Path(directory)
-    config = _read_json(directory / "config.json")
+    config = read_json_object(directory / "config.json", _FIX)
     if (directory / BRANCH_RECORD).is_file() and _quant_method(config) == "compressed-tensors":
         return _compressed_tensors_record(directory)
     qconfig = config.get("quantization_config")
     if qconfig is None and (directory / "quantize_config.json").is_file():
-        qconfig = _read_json(directory / "quantize_config.json")
+        qconfig = read_json_object(directory / "quantize_config.json", _FIX)
     if not isinstance(qconfig, dict) or qconfig.get("quant_method", "gptq") != "gptq":
         raise InputFileError(directory / "config.json", "has no GPTQ quantization_config", "pass a GPTQ checkpoint directory")
     fmt = str(qconfig.get("checkpoint_format", qconfig.get("format", "gptq"))).lower()
@@ -53,7 +53,7 @@ def _quant_method(config: dict[str, Any]) -> Any:
 
 def _compressed_tensors_record(directory: Path) -> dict[str, Any]:
     """A quantmill compressed-tensors branch: its spec record (bits, group_size, sym, ...) with format."""
-    record = _read_json(directory / BRANCH_RECORD)
+    record = read_json_object(directory / BRANCH_RECORD, _FIX)
     if record.get("bits") not in SUPPORTED_BITS or record.get("format") != "compressed-tensors":
         raise InputFileError(directory / BRANCH_RECORD, "is not a quantmill compressed-tensors branch record", _FIX)
     return {**record, "quant_method": "gptq", "checkpoint_format": "compressed-tensors"}
@@ -65,23 +65,11 @@ def is_gptq_checkpoint(path: Path) -> bool:
     if not path.is_dir() or not (path / "config.json").is_file():
         return False
     try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(config, dict):
+        config = read_json_object(path / "config.json", _FIX)
+    except InputFileError:
         return False
     method = _quant_method(config)
     return method == "gptq" or (method == "compressed-tensors" and (path / BRANCH_RECORD).is_file())
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputFileError(path, f"cannot be read as JSON ({exc})", _FIX) from exc
-    if not isinstance(value, dict):
-        raise InputFileError(path, "is not a JSON object", _FIX)
-    return value
 
 
 def quantized_prefixes(ckpt: Checkpoint) -> list[str]:
@@ -150,7 +138,7 @@ def plain_config(directory: Path) -> Any:
     from quantmill.convert.arch.hf_config import transformers_config
 
     path = Path(directory) / "config.json"
-    return transformers_config(_read_json(path), path)
+    return transformers_config(read_json_object(path, _FIX), path)
 
 
 def load_dequantized_model(directory: Path, dtype: str = "float32") -> torch.nn.Module:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from quantmill.atomic import atomic_dir, ensure_writable_dir
 from quantmill.errors import UserInputError
@@ -124,7 +124,7 @@ def flow_for(decoder: DecoderSpec, fast: bool = True) -> Flow | Any:
 def _quantize_stacked(layer: nn.Module, index: int, names: list[str], hessian: Hessian, run: _BranchRun, arch: DecoderSpec) -> None:
     import torch
 
-    linears = [layer.get_submodule(name) for name in names]
+    linears = [cast("nn.Linear", layer.get_submodule(name)) for name in names]
     weight = torch.cat([linear.weight.detach() for linear in linears])
     result = gptq_quantize(weight, hessian.matrix(), run.spec)
     if not bool(torch.isfinite(result.scales).all()):
@@ -174,11 +174,10 @@ def check_model(ckpt: Checkpoint, runner: LayerwiseRunner) -> None:
 
 def check_input(model_dir: Path) -> None:
     """The cheap checks of a GPTQ input (config fields, tensors against config.json), before calibration runs."""
+    from quantmill.convert.arch.fields import check_fields
     from quantmill.convert.arch.tensors import check_tensors
     from quantmill.convert.safetensors_io import Checkpoint
     from quantmill.quantize.layerwise import arch_for, read_config
-
-    from quantmill.convert.arch.fields import check_fields
 
     model_dir = Path(model_dir)
     raw = read_config(model_dir)

@@ -18,7 +18,8 @@ names its flow (``flow`` and, for the pre-norm walk, its ``pre_norm`` layout); t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import torch
@@ -162,9 +163,9 @@ class PreNormFlow:
         del h_in
         with torch.inference_mode():
             attn_inputs = [
-                _capture_input(attn_out, lambda r=rows: attn(
+                _capture_input(attn_out, partial(lambda r: attn(
                     hidden_states=attn_norm(hidden[r]), attention_mask=None,
-                    position_embeddings=runner.position_embeddings(r.stop - r.start)))
+                    position_embeddings=runner.position_embeddings(r.stop - r.start)), rows))
                 for rows in batches
             ]
             h_out = _new_hessian(attn_inputs[0].shape[-1], hidden.device)
@@ -181,12 +182,12 @@ class PreNormFlow:
                 _add(h_mlp, mlp_norm(hidden[rows]))
         quantize(lay.mlp_in, dict.fromkeys(lay.mlp_in, h_mlp))
         del h_mlp
-        keep = hidden[..., :1].numel() * mlp_out.in_features * hidden.element_size() <= KEEP_BYTES
+        keep = hidden[..., :1].numel() * cast("nn.Linear", mlp_out).in_features * hidden.element_size() <= KEEP_BYTES
         with torch.inference_mode():
             kept: list[torch.Tensor] = []
             h_down: Hessian | None = None
             for rows in batches:
-                x = _capture_input(mlp_out, lambda r=rows: mlp(mlp_norm(hidden[r])))
+                x = _capture_input(mlp_out, partial(lambda r: mlp(mlp_norm(hidden[r])), rows))
                 h_down = h_down or _new_hessian(x.shape[-1], hidden.device)
                 _add(h_down, x)
                 if keep:

@@ -12,18 +12,32 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from quantmill.errors import UserInputError
 
-if TYPE_CHECKING:
-    from quantmill.quantize.gptq.branches import BranchSpec
-
 
 class PackedTensors(Protocol):
     def tensors(self, prefix: str) -> dict[str, np.ndarray]: ...
+
+
+class BranchSpec(Protocol):
+    """What a format reads of a branch (:class:`quantmill.quantize.gptq.branches.BranchSpec`, which imports this module)."""
+
+    @property
+    def bits(self) -> int: ...
+    @property
+    def group_size(self) -> int: ...
+    @property
+    def sym(self) -> bool: ...
+    @property
+    def desc_act(self) -> bool: ...
+    @property
+    def static_groups(self) -> bool: ...
+
+    def quantization_config(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)

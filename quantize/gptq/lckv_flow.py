@@ -16,7 +16,7 @@ copy of the stream), then the quantized layer advances the stream.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -68,7 +68,7 @@ class LckvFlow:
         store = self._streams.setdefault(id(hidden), {})
         if layer.computes_kv:
             for name in ("self_attn.k_proj", "self_attn.v_proj"):
-                linear = layer.get_submodule(name)
+                linear = cast(torch.nn.Linear, layer.get_submodule(name))
                 check_packable(f"layer {layer.layer_idx} {name}", linear.in_features, linear.out_features)
         if true_sequential:
             self._walk(layer, hidden, runner, quantize, store)

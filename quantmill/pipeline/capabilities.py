@@ -1,27 +1,22 @@
 """Refuse, before any work, a recipe whose model cannot go through one of its stages.
 
 The model's architecture record (``quantmill.convert.arch``) says which capabilities its family
-has; each stage kind of the plan needs some (:data:`STAGE_NEEDS`). The model's config.json is read
+has; each stage kind of the plan needs some (its record's ``needs``). The model's config.json is read
 as data from where the source stage will take it (the recipe's directory, the local Hugging Face
 cache, the bundled model's known family), before the source stage runs.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from quantmill.convert.arch import Architecture, for_config
-from quantmill.errors import InputFileError, UnsupportedError
-from quantmill.pipeline.plan import Node, Plan
+from quantmill.errors import UnsupportedError
+from quantmill.jsonio import read_json_object
+from quantmill.pipeline.plan import Plan
+from quantmill.pipeline.stages import STAGES
 from quantmill.recipe import BundledSource, HubSource, LocalSource
 
-# stage kind -> the capabilities it needs of the model's family
-STAGE_NEEDS: dict[str, tuple[str, ...]] = {
-    "source": (), "release": (), "calibrate": (),
-    "merge": ("merge",), "bake": ("bake",), "imatrix": ("statistics",), "gptq": ("gptq",),
-    "gguf-base": ("convert",), "gguf": ("gguf-quantize",), "verify": ("verify-torch",),
-}
 # The bundled default model's config, as far as the registry needs it (SmolLM2 is a llama).
 BUNDLED_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
 
@@ -42,20 +37,7 @@ def source_config(plan: Plan) -> tuple[dict[str, Any], str] | None:
         if not isinstance(cached, str):
             return None
         path = Path(cached)
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFileError(path, f"cannot be read as JSON ({exc})", "fix config.json of the recipe's source") from exc
-    if not isinstance(config, dict):
-        raise InputFileError(path, "is not a JSON object", "fix config.json of the recipe's source")
-    return config, str(path)
-
-
-def needs(node: Node, plan: Plan) -> tuple[str, ...]:
-    extra: tuple[str, ...] = ()
-    if node.kind == "verify" and any(plan.node(d).kind in ("gguf-base", "gguf") for d in node.deps):
-        extra = ("verify-gguf",)
-    return STAGE_NEEDS[node.kind] + extra
+    return read_json_object(path, "fix config.json of the recipe's source"), str(path)
 
 
 def check_capabilities(plan: Plan) -> Architecture | None:
@@ -66,7 +48,7 @@ def check_capabilities(plan: Plan) -> Architecture | None:
     config, where = found
     arch = for_config(config, Path(where))
     for node in plan.nodes:
-        for capability in needs(node, plan):
+        for capability in STAGES[node.kind].needs(node.params):
             try:
                 arch.require(capability, plan.recipe.path)
             except UnsupportedError as exc:

@@ -1,37 +1,91 @@
-"""What a stage function is given: its node, its output directory, the finished directories it reads.
+"""The contract between the pipeline and its stages: what a stage kind is, what a stage is given.
 
-Shared by the stage functions (:mod:`quantmill.pipeline.stages`), the release and verify stages and the
-runner; it imports only the plan, so none of them import each other to reach it.
+A stage kind is ONE :class:`StageKind` record, one module each under ``quantmill/pipeline/stages/``.
+A stage reads only its parameters (exactly what is hashed into its key) and its :class:`StageContext`
+(paths, progress): where an input lives is not a parameter, its content hash is. This module imports
+no other pipeline module.
 """
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
-from quantmill.pipeline.plan import Node, Plan
+from pydantic import BaseModel, ConfigDict
+
+STAGE_OVERHEAD_SECONDS = 1.0  # loading libraries and files, whatever the model's size
+
+
+class StageParams(BaseModel):
+    """A stage's parameters: validated, immutable, dumped as canonical JSON into its key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+P = TypeVar("P", bound=StageParams)
+
+
+@dataclass(frozen=True)
+class Output:
+    """``src`` (relative to a finished stage's directory) goes to ``dst`` in the release (None: not copied);
+    ``artifact`` is the name verify measures it under; ``manifest`` the manifest key its JSON fills."""
+
+    src: str
+    dst: str | None
+    artifact: str | None = None
+    manifest: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    n_params: int
+    n_embedding: int  # parameters in the embedding and output matrices (kept in float by GPTQ)
+    source_bytes: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    bytes: int
+    seconds: float
+
+    @classmethod
+    def of(cls, size: ModelSize, nbytes: float, seconds_per_mparam: float) -> Estimate:
+        """``nbytes`` written; seconds from a throughput measured at 2 threads (BENCHMARKS.md)."""
+        return cls(int(nbytes), STAGE_OVERHEAD_SECONDS + seconds_per_mparam * size.n_params / 1e6)
 
 
 @dataclass(frozen=True)
 class StageContext:
-    node: Node
-    plan: Plan
-    out: Path
+    out: Path  # the empty temporary output directory
     inputs: dict[str, Path]  # dependency stage name -> its finished directory
-    progress: bool
+    outputs: tuple[tuple[Path, Output], ...]  # the dependencies' outputs, each with its absolute path
+    release_name: str  # checkpoints live in ``<stage dir>/<release name>``, GGUF files are named after it
+    paths: dict[str, Path]  # the files it reads from outside the work directory, by role (hashed by content)
+    progress: bool = False
+
+    def checkpoint(self, stage: str) -> Path:
+        """The checkpoint made by the model stage ``stage`` (source / merge / bake)."""
+        return self.inputs[stage] / self.release_name
 
     @property
-    def threads(self) -> int:
-        return self.plan.recipe.recipe.threads
+    def model_out(self) -> Path:
+        return self.out / self.release_name
 
-    @property
-    def model_dir(self) -> Path:
-        """The checkpoint made by the last model stage (source / merge / bake)."""
-        return self.inputs[self.plan.model_stage] / self.plan.release_name
 
-    def input_dir(self, name: str) -> Path:
-        return self.inputs[name]
+@dataclass(frozen=True)
+class StageKind(Generic[P]):
+    """One stage kind. Bump ``version`` when its output for the same parameters changes."""
+
+    name: str
+    version: int
+    params: type[P]
+    run: Callable[[StageContext, P], None]
+    estimate: Callable[[ModelSize, P], Estimate]
+    outputs: Callable[[P], list[Output]] = lambda params: []
+    needs: Callable[[P], tuple[str, ...]] = lambda params: ()  # capabilities of the model's family it needs
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -43,5 +97,16 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def gguf_file_name(plan: Plan, type_name: str) -> str:
-    return f"{plan.release_name}-{type_name}.gguf"
+def link_tree(src: Path, dst: Path) -> None:
+    """``src`` (a file, or a directory's files without dotfiles) linked to ``dst``."""
+    if src.is_file():
+        link_or_copy(src, dst)
+        return
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        rel = path.relative_to(src)
+        if not any(part.startswith(".") for part in rel.parts):
+            link_or_copy(path, dst / rel)
+
+
+def gguf_file_name(release_name: str, type_name: str) -> str:
+    return f"{release_name}-{type_name}.gguf"

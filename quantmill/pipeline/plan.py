@@ -1,30 +1,25 @@
 """A recipe as a DAG of stages, each keyed by the hash of its parameters and its inputs' keys.
 
-A stage's key is sha256 over (kind, stage format version, parameters, the keys of the stages it
-reads); the source stage's parameters include the sha256 of every source file, so a changed input
-changes every key downstream. A finished stage lives in ``WORK/stages/<name>-<key[:16]>``: the same
-recipe on the same inputs finds every stage finished and does nothing.
+A stage's key is sha256 over (kind, the kind's format version, its typed parameters as canonical
+JSON, the keys of the stages it reads); the source stage's parameters include the sha256 of every
+source file, so a changed input changes every key downstream. A finished stage lives in
+``WORK/stages/<name>-<key[:16]>``: the same recipe on the same inputs finds every stage finished
+and does nothing. Each kind is one record in :mod:`quantmill.pipeline.stages`.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-try:
-    from quantmill.hashing import sha256_file
-except ImportError:  # before quantmill.hashing landed, the function lived with the GGUF reader
-    from quantmill.convert.gguf_reader import sha256_file  # type: ignore[no-redef,attr-defined]
 from quantmill.errors import InputFileError
+from quantmill.hashing import sha256_file
+from quantmill.manifest import canonical_json
+from quantmill.pipeline.context import StageParams, gguf_file_name
+from quantmill.pipeline.stages import STAGES, bake, calibrate, gguf, gguf_base, gptq, imatrix, merge, release, source, verify
+from quantmill.pipeline.stages.source import check_source_weights, model_files
 from quantmill.recipe import BundledSource, HubSource, LoadedRecipe, LocalSource
 
-# Bump a kind's version when its output for the same inputs changes (invalidates old stages).
-STAGE_VERSIONS: dict[str, int] = {
-    "source": 1, "merge": 1, "bake": 1, "calibrate": 1, "imatrix": 1, "gptq": 1,
-    "gguf-base": 1, "gguf": 1, "verify": 1, "release": 1,
-}
 STAGES_DIR = "stages"
 DONE_FILE = ".stage.json"
 
@@ -35,9 +30,10 @@ class Node:
 
     name: str
     kind: str
-    params: dict[str, Any]
+    params: StageParams
     deps: tuple[str, ...]
     key: str = ""
+    paths: dict[str, Path] = field(default_factory=dict)  # inputs outside the work directory (not hashed: their sha256 is)
 
     def directory(self, work_dir: Path) -> Path:
         return work_dir / STAGES_DIR / f"{self.name}-{self.key[:16]}"
@@ -50,33 +46,16 @@ class Node:
 class Plan:
     recipe: LoadedRecipe
     release_name: str
-    model_stage: str
     nodes: list[Node] = field(default_factory=list)
-    source_files: dict[str, str] = field(default_factory=dict)  # name -> sha256 (the source stage's inputs)
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
 
-    def by_kind(self, kind: str) -> list[Node]:
-        return [n for n in self.nodes if n.kind == kind]
 
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
-def stage_key(kind: str, params: dict[str, Any], dep_keys: list[str]) -> str:
-    payload = canonical_json({"kind": kind, "version": STAGE_VERSIONS[kind], "params": params, "deps": dep_keys})
+def stage_key(kind: str, params: StageParams, dep_keys: list[str]) -> str:
+    payload = canonical_json({"kind": kind, "version": STAGES[kind].version, "params": params.model_dump(mode="json"),
+                              "deps": dep_keys})
     return hashlib.sha256(payload.encode("ascii")).hexdigest()
-
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-
-
-def model_files(directory: Path) -> list[Path]:
-    """The files of a checkpoint directory a release reads (safetensors only, no pickles, no dotfiles)."""
-    return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")
-                  and not p.name.endswith(PICKLE_SUFFIXES))
 
 
 def _hash_dir(directory: Path, allow_pickle: bool = False) -> dict[str, str]:
@@ -88,19 +67,10 @@ def _hash_dir(directory: Path, allow_pickle: bool = False) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in files}
 
 
-def check_source_weights(directory: Path, allow_pickle: bool) -> None:
-    """A source must have safetensors weights, or pickles it is allowed to convert: refused before any work."""
-    from quantmill.convert.pickle_weights import pickle_shards
-
-    if any(p.suffix == ".safetensors" for p in model_files(directory)):
-        return
-    if pickle_shards(directory):
-        if allow_pickle:
-            return
-        raise InputFileError(directory, "has only PyTorch pickle weights (pytorch_model*.bin), which can run code when "
-                             "loaded", "set allow_pickle: true on the recipe's source to convert them to safetensors "
-                             "(torch.load with weights_only=True), or use a safetensors revision")
-    raise InputFileError(directory, "has no .safetensors weights", "pass a complete Hugging Face checkpoint directory")
+def _input_files(loaded: LoadedRecipe, value: str, bundled: list[Path]) -> list[Path]:
+    """The files of a corpus / text input: the file, or the bundled corpus files (none for generated / hub)."""
+    path = loaded.input_path(value)
+    return [path] if path is not None else (bundled if value == "bundled" else [])
 
 
 def input_sha256(loaded: LoadedRecipe, value: str) -> str:
@@ -116,28 +86,23 @@ def input_sha256(loaded: LoadedRecipe, value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()  # generated / hub: named by their spec
 
 
-def _source_params(loaded: LoadedRecipe) -> tuple[dict[str, Any], dict[str, str]]:
-    source = loaded.recipe.source
-    if isinstance(source, BundledSource):
-        from quantmill.default_model import (
-            REFERENCE_DTYPE,
-            REFERENCE_FORMAT,
-            bundled_gguf_path,
-        )
+def _source_params(loaded: LoadedRecipe, name: str) -> source.SourceParams:
+    src = loaded.recipe.source
+    if isinstance(src, BundledSource):
+        from quantmill.default_model import REFERENCE_DTYPE, REFERENCE_FORMAT, bundled_gguf_path
 
-        gguf = bundled_gguf_path()
-        files = {gguf.name: sha256_file(gguf)}
-        return {"kind": "bundled", "files": files, "dtype": REFERENCE_DTYPE, "format": REFERENCE_FORMAT}, files
-    if isinstance(source, LocalSource):
-        directory = loaded.resolve(source.path)
+        gguf_path = bundled_gguf_path()
+        return source.SourceParams(origin="bundled", name=name, files={gguf_path.name: sha256_file(gguf_path)},
+                                   dtype=REFERENCE_DTYPE, format=REFERENCE_FORMAT)
+    if isinstance(src, LocalSource):
+        directory = loaded.resolve(src.path)
         if not directory.is_dir():
             raise InputFileError(directory, "no such model directory", "fix source.path in the recipe")
-        check_source_weights(directory, source.allow_pickle)
-        files = _hash_dir(directory, source.allow_pickle)
-        return {"kind": "local", "files": files, **({"allow_pickle": True} if source.allow_pickle else {})}, files
-    assert isinstance(source, HubSource)
-    return {"kind": "hub", "id": source.id, "revision": source.revision,
-            **({"allow_pickle": True} if source.allow_pickle else {})}, {}
+        check_source_weights(directory, src.allow_pickle)
+        return source.SourceParams(origin="local", name=name, files=_hash_dir(directory, src.allow_pickle),
+                                   allow_pickle=src.allow_pickle)
+    assert isinstance(src, HubSource)
+    return source.SourceParams(origin="hub", name=name, id=src.id, revision=src.revision, allow_pickle=src.allow_pickle)
 
 
 def release_name(loaded: LoadedRecipe) -> str:
@@ -146,67 +111,94 @@ def release_name(loaded: LoadedRecipe) -> str:
         return recipe.name
     if recipe.card.name:
         return recipe.card.name
-    source = recipe.source
-    if isinstance(source, LocalSource):
-        return loaded.resolve(source.path).name
-    if isinstance(source, HubSource):
-        return source.id.split("/")[1]
+    src = recipe.source
+    if isinstance(src, LocalSource):
+        return loaded.resolve(src.path).name
+    if isinstance(src, HubSource):
+        return src.id.split("/")[1]
     return "SmolLM2-135M-Instruct"
 
 
 def build_plan(loaded: LoadedRecipe) -> Plan:
     """The stages of ``loaded``, in an order where every stage follows the stages it reads."""
+    from quantmill.calib_data.bundled import calibration_files, eval_file
+    from quantmill.pipeline.snapshots import adapter_dir
+
     recipe = loaded.recipe
     name = release_name(loaded)
-    source_params, source_files = _source_params(loaded)
-    plan = Plan(loaded, name, "source", source_files=source_files)
+    plan = Plan(loaded, name)
     threads = recipe.threads
 
-    def add(stage: str, kind: str, params: dict[str, Any], deps: tuple[str, ...]) -> str:
+    def add(stage: str, kind: str, params: StageParams, deps: tuple[str, ...], **paths: Path | None) -> str:
+        assert isinstance(params, STAGES[kind].params)
         keys = [plan.node(d).key for d in deps]
-        plan.nodes.append(Node(stage, kind, params, deps, stage_key(kind, params, keys)))
+        found = {role: path for role, path in paths.items() if path is not None}
+        plan.nodes.append(Node(stage, kind, params, deps, stage_key(kind, params, keys), found))
         return stage
 
-    model = add("source", "source", {**source_params, "name": name}, ())
+    source_params = _source_params(loaded, name)
+    inputs = {f"source/{file}": sha for file, sha in source_params.files.items()}
+    local = loaded.resolve(recipe.source.path) if isinstance(recipe.source, LocalSource) else None
+    model = add("source", source.KIND.name, source_params, (), source=local)
     if recipe.adapters:
-        from quantmill.pipeline.snapshots import adapter_dir  # a Hub adapter is hashed like a local one: by its files
-
-        adapters = [{"files": _hash_dir(adapter_dir(loaded, a)), "weight": a.weight} for a in recipe.adapters]
-        model = add("merge", "merge", {"adapters": adapters}, (model,))
+        adapters, where = [], {}
+        for i, adapter in enumerate(recipe.adapters):  # a Hub adapter is hashed like a local one: by its files
+            where[f"adapter{i}"] = adapter_dir(loaded, adapter)
+            files = _hash_dir(where[f"adapter{i}"])
+            inputs |= {f"adapters/{i}/{file}": sha for file, sha in files.items()}
+            adapters.append(merge.AdapterParams(files=files, weight=adapter.weight))
+        model = add("merge", merge.KIND.name, merge.MergeParams(model=model, adapters=tuple(adapters)), (model,), **where)
     if recipe.rope is not None:
-        model = add("bake", "bake", recipe.rope.model_dump(mode="json"), (model,))
-    plan.model_stage = model
+        model = add("bake", bake.KIND.name, bake.BakeParams(model=model, rope=recipe.rope), (model,))
 
     calib = None
     needs_imatrix = recipe.gguf is not None and recipe.gguf.imatrix and bool(recipe.gguf.types)
     if recipe.gptq is not None or needs_imatrix:
-        cal = recipe.calibration.model_dump(mode="json")
-        cal["corpus_sha256"] = input_sha256(loaded, recipe.calibration.corpus)
-        cal["corpus"] = Path(cal["corpus"]).name if loaded.input_path(recipe.calibration.corpus) else cal["corpus"]
-        calib = add("calibrate", "calibrate", {**cal, "threads": threads}, (model,))
+        cal = recipe.calibration
+        corpus = loaded.input_path(cal.corpus)
+        inputs |= {f"calibration/{f.name}": sha256_file(f) for f in _input_files(loaded, cal.corpus, calibration_files())}
+        params: StageParams = calibrate.CalibrateParams(
+            model=model, corpus=corpus.name if corpus else cal.corpus, corpus_sha256=input_sha256(loaded, cal.corpus),
+            samples=cal.samples, seqlen=cal.seqlen, seed=cal.seed, text_field=cal.text_field, threads=threads)
+        calib = add("calibrate", calibrate.KIND.name, params, (model,), corpus=corpus)
 
     artifacts: list[str] = []
     if recipe.gptq is not None:
-        branches = [b.spec().short + f"@damp={b.damp}" for b in recipe.gptq.branches]
         assert calib is not None
-        artifacts.append(add("gptq", "gptq", {"branches": branches, "threads": threads}, (model, calib)))
+        branches = tuple(b.spec() for b in recipe.gptq.branches)
+        params = gptq.GptqParams(model=model, calibration=calib, branches=branches, threads=threads)
+        artifacts.append(add("gptq", gptq.KIND.name, params, (model, calib)))
     if recipe.gguf is not None:
-        base = add("gguf-base", "gguf-base", {"outtype": recipe.gguf.base, "vocab_pre": recipe.gguf.vocab_pre}, (model,))
+        base_file = gguf_file_name(name, recipe.gguf.base.upper())
+        base = add("gguf-base", gguf_base.KIND.name, gguf_base.GgufBaseParams(
+            model=model, outtype=recipe.gguf.base, vocab_pre=recipe.gguf.vocab_pre, file=base_file, threads=threads),
+            (model,))
         artifacts.append(base)
-        imatrix = None
+        matrix = None
         if needs_imatrix:
             assert calib is not None
-            imatrix = add("imatrix", "imatrix", {"threads": threads}, (model, calib))
+            matrix = add("imatrix", imatrix.KIND.name, imatrix.ImatrixParams(model=model, calibration=calib, threads=threads),
+                         (model, calib))
         for file_type in recipe.gguf.types:
-            deps = (base, imatrix) if imatrix else (base,)
-            artifacts.append(add(f"gguf-{file_type}", "gguf", {"type": file_type}, deps))
-    verify = None
+            params = gguf.GgufParams(type=file_type, base=base, base_file=base_file, imatrix=matrix,
+                                     file=gguf_file_name(name, file_type), threads=threads)
+            artifacts.append(add(f"gguf-{file_type}", gguf.KIND.name, params, (base, matrix) if matrix else (base,)))
+    check = None
     if recipe.verify is not None:
-        params = recipe.verify.model_dump(mode="json")
-        params["text_sha256"] = input_sha256(loaded, recipe.verify.text)
-        params["text"] = Path(params["text"]).name if loaded.input_path(recipe.verify.text) else params["text"]
-        verify = add("verify", "verify", {**params, "threads": threads}, (model, *artifacts))
-    release_deps = (model, *([calib] if calib else []), *artifacts, *([verify] if verify else []))
+        settings = recipe.verify
+        text = loaded.input_path(settings.text)
+        inputs |= {f"verify/{f.name}": sha256_file(f) for f in _input_files(loaded, settings.text, [eval_file()])}
+        made = [o for node in map(plan.node, artifacts) for o in STAGES[node.kind].outputs(node.params)]
+        measured = {o.artifact: str(o.dst) for o in made if o.artifact is not None}
+        params = verify.VerifyParams(
+            model=model, text=text.name if text else settings.text, n_ctx=settings.n_ctx, max_chunks=settings.max_chunks,
+            text_sha256=input_sha256(loaded, settings.text),
+            devices=tuple(settings.devices), thresholds=settings.thresholds, overrides=settings.overrides,
+            use_default_thresholds=settings.use_default_thresholds, artifacts=measured, threads=threads)
+        check = add("verify", verify.KIND.name, params, (model, *artifacts), text=text)
+    release_deps = (model, *([calib] if calib else []), *artifacts, *([check] if check else []))
     recorded = {k: v for k, v in loaded.resolved().items() if k != "publish"}  # the manifest's recipe
-    add("release", "release", {"name": name, "recipe": recorded}, release_deps)
+    params = release.ReleaseParams(name=name, model=model, recipe=recorded, inputs=dict(sorted(inputs.items())),
+                                   stages={n.name: n.key for n in plan.nodes}, threads=threads)
+    add("release", release.KIND.name, params, release_deps)
     return plan

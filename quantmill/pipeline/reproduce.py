@@ -6,7 +6,6 @@ sha256 of the new manifest is compared with the old one.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +98,6 @@ def reproduce(manifest_path: Path, work_dir: Path, *, progress: bool = False) ->
     write_text_atomic(recipe_path, yaml.safe_dump(recipe, sort_keys=True))
     loaded = load_recipe(recipe_path)
     run_recipe(loaded, progress=progress, publish=False)
-    new = json.loads((loaded.output_dir / MANIFEST).read_text(encoding="utf-8"))
+    new = read_manifest(loaded.output_dir / MANIFEST)
     return ReproduceReport(work_dir, compare_files(old["inputs"], new["inputs"]),
                            compare_files(old["outputs"], new["outputs"]))

@@ -20,14 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from quantmill.atomic import atomic_dir
-from quantmill.redact import RedactingFormatter
 from quantmill.errors import QuantmillError, UserInputError, VerificationFailed
+from quantmill.jsonio import read_json_object
 from quantmill.manifest import MANIFEST, file_records
-from quantmill.pipeline.estimate import disk_needed, free_bytes, plan_table
 from quantmill.pipeline.capabilities import check_capabilities
+from quantmill.pipeline.context import StageContext, link_or_copy
+from quantmill.pipeline.estimate import disk_needed, free_bytes, plan_table
 from quantmill.pipeline.plan import DONE_FILE, STAGES_DIR, Node, Plan, build_plan
+from quantmill.pipeline.stages import STAGES
 from quantmill.recipe import LoadedRecipe
 from quantmill.recipe_load import check_release_output
+from quantmill.redact import RedactingFormatter
 
 LOG = logging.getLogger("quantmill.pipeline")
 LOG_FILE = "quantmill.log"
@@ -60,7 +63,7 @@ class RunReport:
         }
 
 
-def _human(n: int | None) -> str:
+def _human(n: float | None) -> str:
     if n is None:
         return "unknown"
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -96,12 +99,8 @@ def prepare(loaded: LoadedRecipe) -> tuple[Plan, RunReport]:
     plan = build_plan(loaded)
     check_capabilities(plan)
     rows = plan_table(plan, loaded.work_dir)
-    for row in rows:
-        row["status"] = "done" if row.pop("done") else "todo"
-    needed = disk_needed([{**r, "done": r["status"] == "done"} for r in rows])
-    free = free_bytes(loaded.work_dir)
-    report = RunReport(loaded.work_dir, loaded.output_dir, rows, needed, free, dry_run=True)
-    return plan, report
+    return plan, RunReport(loaded.work_dir, loaded.output_dir, rows, disk_needed(rows), free_bytes(loaded.work_dir),
+                           dry_run=True)
 
 
 @contextlib.contextmanager
@@ -147,21 +146,18 @@ def remove_stale_temporaries(work_dir: Path) -> list[str]:
 
 
 def _run_node(plan: Plan, node: Node, work_dir: Path, progress: bool) -> None:
-    from quantmill.pipeline.context import StageContext
-    from quantmill.pipeline.stages import STAGES
-
-    inputs = {dep: plan.node(dep).directory(work_dir) for dep in node.deps}
+    deps = [plan.node(dep) for dep in node.deps]
+    inputs = {dep.name: dep.directory(work_dir) for dep in deps}
+    outputs = tuple((inputs[dep.name] / out.src, out) for dep in deps for out in STAGES[dep.kind].outputs(dep.params))
     with atomic_dir(node.directory(work_dir)) as tmp:
-        STAGES[node.kind](StageContext(node, plan, tmp, inputs, progress))
-        done = {"name": node.name, "kind": node.kind, "key": node.key, "params": node.params, "deps": list(node.deps),
-                "files": {k: v["sha256"] for k, v in file_records(tmp, skip=()).items()}}
+        STAGES[node.kind].run(StageContext(tmp, inputs, outputs, plan.release_name, node.paths, progress), node.params)
+        done = {"name": node.name, "kind": node.kind, "key": node.key, "params": node.params.model_dump(mode="json"),
+                "deps": list(node.deps), "files": {k: v["sha256"] for k, v in file_records(tmp, skip=()).items()}}
         (tmp / DONE_FILE).write_text(json.dumps(done, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def export_release(release_stage: Path, output_dir: Path) -> bool:
     """Hard-link the release stage into ``output_dir``; False when it is already there."""
-    from quantmill.pipeline.context import link_or_copy
-
     current = output_dir / MANIFEST
     if current.is_file() and current.read_bytes() == (release_stage / MANIFEST).read_bytes():
         return False
@@ -197,7 +193,7 @@ def run_recipe(loaded: LoadedRecipe, *, dry_run: bool = False, progress: bool = 
         check_release_output(loaded)  # again: the output may have appeared while the stages ran
         exported = export_release(release_dir, loaded.output_dir)
         LOG.info("release %s %s", loaded.output_dir, "exported" if exported else "already up to date")
-        verification = json.loads((release_dir / MANIFEST).read_text(encoding="utf-8")).get("verification")
+        verification = read_json_object(release_dir / MANIFEST, "re-run the release").get("verification")
         report.verification_passed = None if verification is None else bool(verification["passed"])
         failed = [a["name"] for a in (verification or {}).get("artifacts", []) if a.get("passed") is False]
         if failed:

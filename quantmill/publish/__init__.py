@@ -7,19 +7,17 @@ verification failed is refused unless ``force``. Publishing again sends only wha
 """
 from __future__ import annotations
 
-import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from quantmill.errors import InputFileError, VerificationFailed
 from quantmill.manifest import MANIFEST, compare_files, file_records, read_manifest
+from quantmill.publish.git import publish_git
+from quantmill.publish.hub import publish_hub
 
-# target kind -> (module, function): publish(target, release_dir, manifest, work_dir, **kwargs) -> records
-PUBLISHERS: dict[str, tuple[str, str]] = {
-    "git": ("quantmill.publish.git", "publish_git"),
-    "hub": ("quantmill.publish.hub", "publish_hub"),
-}
+# target kind -> publish(target, release_dir, manifest, work_dir, **kwargs) -> records
+PUBLISHERS: dict[str, Callable[..., list[dict[str, Any]]]] = {"git": publish_git, "hub": publish_hub}
 
 
 class PublishBlockedError(VerificationFailed):
@@ -54,7 +52,5 @@ def publish_release(release_dir: Path, targets: Sequence[Any], *, work_dir: Path
     check_verification(manifest, force)
     records: list[dict[str, Any]] = []
     for target in targets:
-        module, function = PUBLISHERS[target.kind]
-        publish = getattr(importlib.import_module(module), function)
-        records += publish(target, Path(release_dir), manifest, Path(work_dir), **kwargs)
+        records += PUBLISHERS[target.kind](target, Path(release_dir), manifest, Path(work_dir), **kwargs)
     return records

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from quantmill.errors import ToolError, UserInputError
-from quantmill.redact import redact
 from quantmill.publish.layout import RepoBranch, plan_branches
 from quantmill.recipe import GitTarget
+from quantmill.redact import redact
 
 SCRATCH_DIR = "publish/git"
 IDENTITY = {"GIT_AUTHOR_NAME": "quantmill", "GIT_AUTHOR_EMAIL": "quantmill@localhost",

@@ -10,8 +10,15 @@ from importlib.abc import Traversable
 
 from quantmill.errors import UserInputError
 
+DEFAULT_RECIPE = "default.yaml"
+EXAMPLE_RECIPE = "example.yaml"
 EXAMPLES_DIR = "examples"
 SUFFIX = ".yaml"
+
+
+def bundled_recipe(name: str) -> str:
+    """The YAML text of the bundled recipe ``name`` (:data:`DEFAULT_RECIPE`, :data:`EXAMPLE_RECIPE`)."""
+    return resources.files(__name__).joinpath(name).read_text(encoding="utf-8")
 
 
 def _examples() -> dict[str, Traversable]:

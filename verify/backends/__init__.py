@@ -1,18 +1,21 @@
 """Backends that turn an artifact into log-probabilities, registered by artifact format.
 
-A format is detected from the path alone (cheap checks, no heavy imports); the backend module
-is imported only when an artifact of its format is opened, so ``quantmill --help`` stays fast.
-Adding a backend is one row in :data:`BACKENDS` plus its module.
+A format is detected from the path alone (cheap checks: no model is loaded); llama.cpp and torch
+are imported only when an artifact is opened. Adding a backend is one row in :data:`BACKENDS`
+plus its module.
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from quantmill.errors import InputFileError
 from quantmill.verify.backends.base import BackendOptions, LogProbBackend
+from quantmill.verify.backends.gguf_llamacpp import LlamaCppBackend
+from quantmill.verify.backends.gptq_torch import GptqTorchBackend, is_gptq_checkpoint
+from quantmill.verify.backends.hf_torch import TorchBackend
+from quantmill.verify.backends.lckv_torch import LckvTorchBackend, is_lckv_checkpoint
 
 
 def _is_gguf(path: Path) -> bool:
@@ -28,30 +31,24 @@ def _is_hf_checkpoint(path: Path) -> bool:
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """A registered backend: its format name, how to recognise an artifact, where its code lives."""
+    """A registered backend: its format name, how to recognise an artifact, the class that runs it."""
 
     format: str
     detect: Callable[[Path], bool]
-    module: str
-    factory: str
+    factory: Callable[[Path, BackendOptions], LogProbBackend]
     description: str
 
     def open(self, path: Path, options: BackendOptions) -> LogProbBackend:
-        factory = getattr(importlib.import_module(self.module), self.factory)
-        return factory(path, options)
+        return self.factory(path, options)
 
 
 # Detection order matters: the first spec whose ``detect`` accepts a path wins.
 BACKENDS: tuple[BackendSpec, ...] = (
-    BackendSpec("gguf", _is_gguf, "quantmill.verify.backends.gguf_llamacpp", "LlamaCppBackend",
-                "GGUF file, run by libllama through llama-cpp-python"),
-    BackendSpec("lckv", lambda p: importlib.import_module("quantmill.verify.backends.lckv_torch").is_lckv_checkpoint(p),
-                "quantmill.verify.backends.lckv_torch", "LckvTorchBackend",
+    BackendSpec("gguf", _is_gguf, LlamaCppBackend, "GGUF file, run by libllama through llama-cpp-python"),
+    BackendSpec("lckv", is_lckv_checkpoint, LckvTorchBackend,
                 "LCKV checkpoint directory (float or GPTQ), run by quantmill's own reference forward"),
-    BackendSpec("gptq", lambda p: importlib.import_module("quantmill.verify.backends.gptq_torch").is_gptq_checkpoint(p),
-                "quantmill.verify.backends.gptq_torch", "GptqTorchBackend", "GPTQ v1 checkpoint directory, dequantized to fp32 for transformers"),
-    BackendSpec("hf", _is_hf_checkpoint, "quantmill.verify.backends.hf_torch", "TorchBackend",
-                "Hugging Face checkpoint directory (safetensors), run by transformers in fp32"),
+    BackendSpec("gptq", is_gptq_checkpoint, GptqTorchBackend, "GPTQ v1 checkpoint directory, dequantized to fp32 for transformers"),
+    BackendSpec("hf", _is_hf_checkpoint, TorchBackend, "Hugging Face checkpoint directory (safetensors), run by transformers in fp32"),
 )
 
 

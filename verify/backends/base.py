@@ -17,8 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
+from quantmill.errors import UnsupportedError
 from quantmill.verify.tokens import ChunkPlan
-
 
 # llama-perplexity's default logical batch: it evaluates 2048 // n_ctx chunks per decode call.
 DEFAULT_BATCH_TOKENS = 2048
@@ -30,12 +30,17 @@ class BackendOptions:
 
     ``threads`` None means every CPU this process may use; ``chunks_per_batch`` None means
     llama-perplexity's choice, ``2048 // n_ctx`` (batching changes the last digits of the
-    figures, so the same choice gives the same figures as llama-perplexity).
+    figures, so the same choice gives the same figures as llama-perplexity). Every backend runs on
+    the CPU in this version: another ``device`` is refused here, once for all of them.
     """
 
     threads: int | None = None
     chunks_per_batch: int | None = None
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.device != "cpu":
+            raise UnsupportedError(f"--device {self.device}: verify backends run on cpu only in this version")
 
     def chunks_for(self, n_ctx: int) -> int:
         if self.chunks_per_batch is not None and self.chunks_per_batch > 0:

@@ -27,6 +27,7 @@ from quantmill.verify.backends.base import (
 )
 from quantmill.verify.tokens import ChunkPlan
 
+
 def gguf_quant_type(summary: GGUFSummary) -> str:
     """The name of a GGUF's ``general.file_type`` (Q4_K_M ...); without one, its commonest tensor type by bytes."""
     from quantmill.quantize.gguf.types import FILE_TYPES
@@ -53,8 +54,6 @@ class LlamaCppBackend:
         self.options = options
         summary = summarize_gguf(self.path)
         summary.require("verify-gguf")
-        if options.device != "cpu":
-            raise UserInputError(f"--device {options.device}: the GGUF backend runs on cpu only in this version")
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0
         with libllama_log() as log:

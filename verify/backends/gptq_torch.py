@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantmill.errors import UnsupportedError
 from quantmill.verify.backends.base import ArtifactInfo, BackendOptions
 from quantmill.verify.backends.hf_torch import TorchBackend
 
@@ -30,8 +29,6 @@ class GptqTorchBackend(TorchBackend):
 
         from quantmill.quantize.gptq.dequant import gptq_size_figures, load_dequantized_model, read_gptq_config
 
-        if options.device != "cpu":
-            raise UnsupportedError(f"--device {options.device}: GPTQ checkpoints are evaluated dequantized, on cpu only in this version")
         self.path = Path(path)
         self.options = options
         self._torch = torch

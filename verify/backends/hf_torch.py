@@ -5,15 +5,15 @@ only safetensors weights are loaded; remote code is never run.
 """
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from quantmill.errors import InputFileError, UnsupportedError, UserInputError
+from quantmill.convert.safetensors_io import tensor_entries
+from quantmill.errors import InputFileError, UserInputError
+from quantmill.jsonio import read_json_object
 from quantmill.verify.backends.base import (
     ArtifactInfo,
     BackendOptions,
@@ -22,29 +22,12 @@ from quantmill.verify.backends.base import (
 )
 from quantmill.verify.tokens import ChunkPlan
 
-# safetensors dtype → bits per element
-_DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
-               "F8_E4M3": 8, "F8_E5M2": 8, "BOOL": 8, "U16": 16, "U32": 32, "U64": 64}
-
 
 def safetensors_sizes(directory: Path) -> tuple[int, int, int]:
     """(bytes on disk of all *.safetensors, tensor-data bits, element count) from the headers only."""
-    size = bits = elements = 0
-    for path in sorted(directory.glob("*.safetensors")):
-        size += path.stat().st_size
-        try:
-            with path.open("rb") as fh:
-                (length,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(length))
-        except (OSError, struct.error, ValueError) as exc:
-            raise InputFileError(path, f"unreadable safetensors header ({exc})", "re-create the checkpoint") from exc
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            count = int(np.prod(entry["shape"], dtype=np.int64))
-            elements += count
-            bits += count * _DTYPE_BITS.get(entry["dtype"], 0)
-    return size, bits, elements
+    files = sorted(directory.glob("*.safetensors"))
+    entries = tensor_entries(files)
+    return sum(p.stat().st_size for p in files), sum(8 * e.nbytes for e in entries), sum(e.n_elements for e in entries)
 
 
 def _load_model(path: Path, config: dict[str, Any]) -> Any:
@@ -86,8 +69,6 @@ class TorchBackend:
     def __init__(self, path: Path, options: BackendOptions) -> None:
         import torch
 
-        if options.device != "cpu":
-            raise UnsupportedError(f"--device {options.device}: the torch backend runs on cpu only in this version")
         self.path = Path(path)
         self.options = options
         self._torch = torch
@@ -100,12 +81,7 @@ class TorchBackend:
         self.info = ArtifactInfo(self.path, "hf", size, bpw, n_vocab, float_type_name(self._config, bpw))
 
     def _read_config(self) -> dict[str, Any]:
-        path = self.path / "config.json"
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputFileError(path, f"cannot be parsed ({exc})", "re-create the checkpoint") from exc
-        return config
+        return read_json_object(self.path / "config.json", "re-create the checkpoint")
 
     def close(self) -> None:
         self._model = None

@@ -7,12 +7,10 @@ sequential semantics, exact. Everything after the logits is the torch backend's.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from quantmill.errors import UnsupportedError
 from quantmill.verify.backends.base import ArtifactInfo, BackendOptions
 from quantmill.verify.backends.hf_torch import TorchBackend, float_type_name, safetensors_sizes
 
@@ -23,13 +21,14 @@ def is_lckv_checkpoint(path: Path) -> bool:
     """Cheap detection (reads config.json only): a checkpoint whose architecture record runs on the LCKV forward."""
     from quantmill.convert.arch import for_config
     from quantmill.errors import UserInputError
+    from quantmill.jsonio import read_json_object
 
     config = Path(path) / "config.json"
     if not (Path(path).is_dir() and config.is_file() and any(Path(path).glob("*.safetensors"))):
         return False
     try:
-        return for_config(json.loads(config.read_text(encoding="utf-8")), config).torch_runtime == "lckv"
-    except (OSError, ValueError, AttributeError, UserInputError):
+        return for_config(read_json_object(config, "fix config.json"), config).torch_runtime == "lckv"
+    except (ValueError, AttributeError, UserInputError):
         return False
 
 
@@ -60,8 +59,6 @@ class LckvTorchBackend(TorchBackend):
         from quantmill.convert.lckv.model import LckvForCausalLM
         from quantmill.quantize.gptq.dequant import dequantized_tensors, gptq_size_figures, is_gptq_checkpoint, read_gptq_config
 
-        if options.device != "cpu":
-            raise UnsupportedError(f"--device {options.device}: LCKV models run on quantmill's reference forward, on cpu only in this version")
         self.path = Path(path)
         self.options = options
         self._torch = torch

@@ -1,0 +1,35 @@
+"""The gptq stage: one checkpoint per branch (bits, group, act-order, damp, format), in one streaming pass."""
+from __future__ import annotations
+
+from quantmill.card import GPTQ_DIR
+from quantmill.pipeline.context import Estimate, ModelSize, Output, StageContext, StageKind, StageParams
+from quantmill.pipeline.stages.calibrate import load_calibration
+from quantmill.quantize.gptq.branches import BranchSpec
+
+
+class GptqParams(StageParams):
+    model: str
+    calibration: str
+    branches: tuple[BranchSpec, ...]
+    threads: int
+
+
+def run(ctx: StageContext, params: GptqParams) -> None:
+    from quantmill.quantize.gptq.engine import EngineOptions, quantize_branches
+
+    calibration = load_calibration(ctx.inputs[params.calibration])
+    quantize_branches(ctx.checkpoint(params.model), calibration, list(params.branches), ctx.out,
+                      EngineOptions(progress=ctx.progress))
+
+
+def outputs(params: GptqParams) -> list[Output]:
+    return [Output(b.name, f"{GPTQ_DIR}/{b.name}", artifact=b.name) for b in params.branches]
+
+
+def estimate(size: ModelSize, params: GptqParams) -> Estimate:
+    floats = size.n_params - size.n_embedding
+    nbytes = sum(floats * (b.bits / 8 * 1.1) + size.n_embedding * 2 for b in params.branches)
+    return Estimate.of(size, nbytes, 1.6 * len(params.branches))
+
+
+KIND = StageKind("gptq", 1, GptqParams, run, estimate, outputs, needs=lambda p: ("gptq",))
