@@ -9,7 +9,6 @@ chunk scores ``n_ctx - n_ctx//2 - 1`` tokens, each with at least ``n_ctx//2`` to
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from quantmill.errors import InputFileError, UserInputError
+from quantmill.jsonio import read_json
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -74,12 +74,7 @@ def _bos_id(reference_dir: Path, tokenizer: Tokenizer) -> int | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFileError(path, f"cannot be parsed ({exc})", "re-create the file") from exc
+    data = read_json(path, "re-create the file") if path.is_file() else {}
     return data if isinstance(data, dict) else {}
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -102,17 +102,17 @@ def kv_override_array(items: Sequence[tuple[str, int | str]]) -> tuple[Any, list
 
     table = (llama_cpp.llama_model_kv_override * (len(items) + 1))()
     for i, (key, value) in enumerate(items):
-        raw_key = key.encode("utf-8")
+        raw_key, entry = key.encode("utf-8"), cast(Any, table[i])  # the binding types a union field loosely
         if len(raw_key) > KV_STR_MAX:
             raise ValueError(f"kv override key {key!r} is longer than {KV_STR_MAX} bytes")
-        table[i].key = raw_key
+        entry.key = raw_key
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise TypeError(f"kv override {key!r}: only int and str values are supported")
         if isinstance(value, int):
-            table[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
-            table[i].value.val_i64 = value
+            entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            entry.value.val_i64 = value
         else:
-            table[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
-            table[i].value.val_str = value.encode("utf-8")[:KV_STR_MAX]  # truncated as llama-quantize does
+            entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            entry.value.val_str = value.encode("utf-8")[:KV_STR_MAX]  # truncated as llama-quantize does
     table[len(items)].key = b""  # terminator: an empty key
     return ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_kv_override)), [table]

@@ -103,7 +103,10 @@ def check_gguf_magic(path: Path) -> None:
 class _TableReader(GGUFReader):
     """gguf-py's reader (gguf==0.19.0, pinned) keeping each metadata array as ONE byte block: the library
     makes a numpy view per element, about 4 s for a 49k vocabulary. An array is only walked to its end
-    here; the rest is the library's own parser. Nothing here reads an array's ``contents()``."""
+    here; the rest is the library's own parser. Nothing here reads an array's ``contents()``. The file map
+    is kept as a plain view of the np.memmap, which runs Python code on each of the parser's thousands of slices."""
+
+    data = property(lambda self: self._map, lambda self, value: setattr(self, "_map", value.view(np.ndarray)))
 
     def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[Any], list[int], list[Any]]:
         item = GGUFValueType(int(self._get(orig_offs, np.uint32)[0])) if raw_type == GGUFValueType.ARRAY else None

@@ -26,8 +26,8 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType
 
 from quantmill.atomic import atomic_file
+from quantmill.errors import InputFileError, OutputError, ToolError, UnsupportedError, UserInputError
 from quantmill.outputs import check_output, gguf_signature
-from quantmill.errors import OutputError, InputFileError, ToolError, UnsupportedError, UserInputError
 from quantmill.quantize.gguf.inspect import GGUFSummary, check_gguf_magic, read_gguf, summarize_gguf
 from quantmill.quantize.gguf.types import ALIASES, FILE_TYPES, GGUFFileType, lookup_file_type, parse_tensor_type
 
@@ -42,7 +42,8 @@ _T = GGMLQuantizationType
 IMATRIX_TENSOR_TYPES = frozenset({_T.IQ1_S, _T.IQ1_M, _T.IQ2_XXS, _T.IQ2_XS, _T.IQ2_S, _T.IQ3_XXS})
 # The float tensor types → (their bits as an integer, the exponent mask): a NaN or an infinity has
 # every exponent bit set, so its bits without the sign reach the mask (no float conversion needed).
-_EXPONENT_BITS = {_T.F32: (np.uint32, 0x7F800000), _T.F16: (np.uint16, 0x7C00), _T.BF16: (np.uint16, 0x7F80)}
+_EXPONENT_BITS: dict[GGMLQuantizationType, tuple[type[np.uint16] | type[np.uint32], int]] = {
+    _T.F32: (np.uint32, 0x7F800000), _T.F16: (np.uint16, 0x7C00), _T.BF16: (np.uint16, 0x7F80)}
 FINITE_CHECK_ELEMENTS = 1 << 20
 
 # libllama's per-tensor fallback warning (src/llama-quant.cpp, tensor_type_fallback).
@@ -182,43 +183,25 @@ def parse_overrides(specs: Sequence[str]) -> tuple[TensorOverride, ...]:
 
 
 def check_tensor_data(reader: Any, source: Path) -> None:
-    """Refuse an empty tensor (libllama divides by its size) and NaN/Inf in float tensors, naming the first in file
-    order. The float tensors are scanned on every core: numpy lets go of the GIL."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    tensors = list(reader.tensors)
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        for tensor, finite in zip(tensors, pool.map(_is_finite, tensors)):
-            if int(tensor.n_elements) == 0:
-                raise InputFileError(source, f"tensor {tensor.name!r} is empty (shape {[int(d) for d in tensor.shape]})",
-                                     "re-create the GGUF from a complete checkpoint")
-            if not finite:
+    """Refuse an empty tensor (libllama divides by its size) and NaN/Inf in float tensors, naming the tensor."""
+    for tensor in reader.tensors:
+        if int(tensor.n_elements) == 0:
+            raise InputFileError(source, f"tensor {tensor.name!r} is empty (shape {[int(d) for d in tensor.shape]})",
+                                 "re-create the GGUF from a complete checkpoint")
+        if tensor.tensor_type not in _EXPONENT_BITS:
+            continue
+        bits, exponent = _EXPONENT_BITS[tensor.tensor_type]
+        flat = np.asarray(tensor.data).reshape(-1).view(bits)
+        buffer = np.empty(min(flat.size, FINITE_CHECK_ELEMENTS), bits)
+        for start in range(0, flat.size, FINITE_CHECK_ELEMENTS):
+            chunk = flat[start:start + FINITE_CHECK_ELEMENTS]
+            if np.bitwise_and(chunk, np.iinfo(bits).max >> 1, out=buffer[:chunk.size]).max() >= exponent:
                 raise InputFileError(source, f"tensor {tensor.name!r} holds NaN or infinite values",
                                      "fix the weights and re-create the GGUF; quantmill never quantizes non-finite weights")
 
 
-def _is_finite(tensor: Any) -> bool:
-    """No element of a float tensor has every exponent bit set (other types, and empty tensors, pass)."""
-    if tensor.tensor_type not in _EXPONENT_BITS or not int(tensor.n_elements):
-        return True
-    bits, exponent = _EXPONENT_BITS[tensor.tensor_type]
-    flat = np.asarray(tensor.data).reshape(-1).view(bits)
-    buffer = np.empty(min(flat.size, FINITE_CHECK_ELEMENTS), bits)
-    for start in range(0, flat.size, FINITE_CHECK_ELEMENTS):
-        chunk = flat[start:start + FINITE_CHECK_ELEMENTS]
-        if np.bitwise_and(chunk, np.iinfo(bits).max >> 1, out=buffer[:chunk.size]).max() >= exponent:
-            return False
-    return True
-
-
-def _check_request(
-    source: Path,
-    output: Path,
-    file_type: GGUFFileType,
-    overrides: Sequence[TensorOverride],
-    allow_requantize: bool,
-    imatrix: str | Path | None,
-) -> GGUFSummary:
+def _check_request(source: Path, output: Path, file_type: GGUFFileType, overrides: Sequence[TensorOverride],
+                   allow_requantize: bool, imatrix: str | Path | None) -> GGUFSummary:
     """Refuse a request libllama would abort on or get wrong; return the source's summary (read once)."""
     if file_type.needs_imatrix and imatrix is None:
         raise UserInputError(f"--type {file_type.name}: this type needs an importance matrix; pass --imatrix FILE "
@@ -242,19 +225,15 @@ def _check_request(
             raise UserInputError(f"--override-tensor {override.pattern!r}: matches no tensor in {source}; "
                                  f"tensor names look like {names[len(names) // 2]!r}")
     check_tensor_data(reader, source)
-    requantized = sorted(t.name for t in summary.tensors if len(t.shape) >= 2 and _T[t.type_name] not in _EXPONENT_BITS)
+    requantized = sorted(t.name for t in summary.tensors if len(t.shape) >= 2 and _T.__members__[t.type_name] not in _EXPONENT_BITS)
     if requantized and not allow_requantize:
         raise UserInputError(f"{source}: already quantized ({len(requantized)} tensors, e.g. {requantized[0]}); "
                              "start from an F32/F16/BF16 GGUF, or pass --allow-requantize (compounds the error)")
     return summary
 
 
-def _build_params(
-    file_type: GGUFFileType,
-    overrides: Sequence[TensorOverride],
-    threads: int | None,
-    allow_requantize: bool,
-) -> tuple[Any, Any, list[bytes]]:
+def _build_params(file_type: GGUFFileType, overrides: Sequence[TensorOverride], threads: int | None,
+                  allow_requantize: bool) -> tuple[Any, Any, list[bytes]]:
     """The ``llama_model_quantize_params`` struct, plus objects that must stay alive with it."""
     import llama_cpp
 
@@ -292,16 +271,8 @@ def _attach_imatrix(params: Any, imatrix_path: Path, summary: GGUFSummary) -> li
 
 
 def _parse_fallbacks(warnings: Sequence[str]) -> tuple[Fallback, ...]:
-    text = "".join(warnings)
-    found = {
-        m.group("name"): Fallback(
-            tensor=m.group("name"),
-            row_length=int(m.group("ncols")),
-            wanted=m.group("wanted").upper(),
-            used=m.group("used").upper(),
-        )
-        for m in _FALLBACK_RE.finditer(text)
-    }
+    found = {m["name"]: Fallback(tensor=m["name"], row_length=int(m["ncols"]), wanted=m["wanted"].upper(), used=m["used"].upper())
+             for m in _FALLBACK_RE.finditer("".join(warnings))}
     return tuple(found[name] for name in sorted(found))
 
 
@@ -342,17 +313,9 @@ def _quantize_failure(source: Path, target: Path, type_name: str, summary: str) 
     return ToolError(f"{source}: libllama could not quantize to {type_name}: {summary}")
 
 
-def quantize_gguf(
-    source: str | Path,
-    file_type: str | GGUFFileType,
-    output: str | Path | None = None,
-    *,
-    overrides: Sequence[TensorOverride] = (),
-    threads: int | None = None,
-    allow_requantize: bool = False,
-    imatrix: str | Path | None = None,
-    progress: bool = False,
-) -> QuantizeResult:
+def quantize_gguf(source: str | Path, file_type: str | GGUFFileType, output: str | Path | None = None, *,
+                  overrides: Sequence[TensorOverride] = (), threads: int | None = None, allow_requantize: bool = False,
+                  imatrix: str | Path | None = None, progress: bool = False) -> QuantizeResult:
     """Quantize the GGUF ``source`` to ``file_type`` with libllama; return what was written.
 
     ``output`` defaults to :func:`default_output_path`. ``overrides`` give tensors matching a

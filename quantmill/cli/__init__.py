@@ -5,6 +5,9 @@ message on stderr and an exit code. Heavy libraries are imported inside the comm
 """
 from __future__ import annotations
 
+import atexit
+import gc
+
 import click
 
 from quantmill import __version__
@@ -17,6 +20,8 @@ COMMANDS: tuple[click.Command, ...] = (
     architectures.architectures, bake.bake, calibrate.calibrate, convert.convert, default_release.default_release,
     init.init, merge.merge, quantize.quantize, reproduce.reproduce, run.run, verify.verify,
 )
+
+atexit.register(gc.freeze)  # the process ends without a last collection of every object (~50 ms with libllama loaded)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, commands=COMMANDS)

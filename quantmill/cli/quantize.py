@@ -1,6 +1,7 @@
 """``quantmill quantize``: gguf (llama.cpp's own quantizer, libllama) and gptq (one checkpoint per branch)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def quantize() -> None:
 def quantize_gguf(model: Path, type_name: str, output: Path | None, overrides: tuple[str, ...], imatrix: Path | None,
                   threads: int | None, allow_requantize: bool) -> None:
     """Quantize the GGUF file MODEL with llama.cpp's own quantizer (libllama)."""
+    if "numpy" not in sys.modules:  # its BLAS is idle here: no thread pool to start (~0.1 CPU-s)
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from quantmill.quantize.gguf.inspect import format_summary
     from quantmill.quantize.gguf.libllama import parse_overrides
     from quantmill.quantize.gguf.libllama import quantize_gguf as run_quantize
