@@ -33,10 +33,6 @@ class CalibrationText:
     name: str
     documents: tuple[str, ...]
 
-    @property
-    def n_chars(self) -> int:
-        return sum(len(d) for d in self.documents)
-
 
 Loader = Callable[[Path, str], list[str]]
 

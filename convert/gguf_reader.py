@@ -5,14 +5,14 @@ truncated, a key of the wrong type) becomes one ``InputFileError`` naming the fi
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from quantmill.errors import InputFileError
+
+if TYPE_CHECKING:  # numpy and gguf-py load when a file is opened: the magic check alone stays light
+    import numpy as np
 
 GGUF_MAGIC = b"GGUF"
 _REDOWNLOAD = "re-download or re-create the GGUF file"
@@ -43,7 +43,7 @@ class GGUFFile:
     @classmethod
     def open(cls, path: str | Path) -> GGUFFile:
         path = Path(path)
-        _check_magic(path)
+        check_gguf_magic(path)
         import gguf
 
         try:
@@ -102,6 +102,8 @@ class GGUFFile:
             return value
         if self._value_types(key)[0] == "FLOAT32":
             # shortest decimal that round-trips the stored float32 (1e-05, not 9.99999974738e-06)
+            import numpy as np
+
             return float(str(np.float32(value)))
         return float(value)
 
@@ -122,9 +124,6 @@ class GGUFFile:
 
     def require_int(self, key: str) -> int:
         return self.get_int(key, _REQUIRED)
-
-    def require_float(self, key: str) -> float:
-        return self.get_float(key, _REQUIRED)
 
     def require_array(self, key: str) -> list[Any]:
         return self.get_array(key, _REQUIRED)
@@ -155,6 +154,7 @@ class GGUFFile:
     def dequantize(self, name: str) -> np.ndarray:
         """The tensor as float32 in row-major shape (``gguf.quants.dequantize``)."""
         import gguf
+        import numpy as np
 
         tensor = self._tensor(name)
         try:
@@ -168,10 +168,6 @@ class GGUFFile:
         info = self.tensor_info(name)
         return np.asarray(values, dtype=np.float32).reshape(info.shape)
 
-    def iter_dequantized(self) -> Iterator[tuple[str, np.ndarray]]:
-        for info in self.tensor_infos():
-            yield info.name, self.dequantize(info.name)
-
 
 class _Required:
     def __repr__(self) -> str:
@@ -181,12 +177,13 @@ class _Required:
 _REQUIRED: Any = _Required()
 
 
-def _check_magic(path: Path) -> None:
+def check_gguf_magic(path: Path) -> None:
+    """Raise InputFileError unless ``path`` is a readable file that starts with the GGUF magic."""
     try:
         with open(path, "rb") as handle:
             magic = handle.read(4)
     except FileNotFoundError as exc:
-        raise InputFileError(path, "GGUF file not found", "check the path") from exc
+        raise InputFileError(path, "no such file", "check the path") from exc
     except IsADirectoryError as exc:
         raise InputFileError(path, "is a directory, not a GGUF file", "pass the path of a .gguf file") from exc
     except OSError as exc:

@@ -3,11 +3,12 @@
 The conversion is planned first from the safetensors headers alone (names, shapes,
 output types, byte sizes), so the GGUF header, metadata and tensor table can be
 written before any weight is read. Then each tensor is read from the memory map in
-row chunks, permuted / cast / quantized chunk by chunk and appended to the file, and
-its pages are dropped from memory: peak memory is bounded by a chunk, not by the
-model. Output goes to a temporary directory next to the target and is renamed into
-place only when complete; with ``split_max_size`` it is split in llama.cpp's format
-(``split.*`` keys, ``-00001-of-0000N.gguf`` names).
+row chunks, permuted / cast / quantized chunk by chunk and written to its place in the
+file (:mod:`quantmill.convert.tensor_stream`), and its pages are dropped from memory:
+peak memory is bounded by a few chunks, not by the model. Output goes to a temporary
+directory next to the target and is renamed into place only when complete; with
+``split_max_size`` it is split in llama.cpp's format (``split.*`` keys,
+``-00001-of-0000N.gguf`` names).
 
 The tensor bytes are those llama.cpp's ``convert_hf_to_gguf.py`` writes for the same
 checkpoint (same casts, same ``gguf.quants`` quantization, same tensor order), and
@@ -91,7 +92,7 @@ def plan_tensors(ckpt: Checkpoint, arch: Architecture, hp: HParams, wanted: Q) -
         if entry.dtype not in FLOAT_DTYPES:
             raise UnsupportedError(f"{entry.file}: tensor {name!r} is {entry.dtype}; only F64/F32/F16/BF16 weights are supported")
         qtype = _tensor_qtype(gguf_name, entry.shape, wanted)
-        transform = arch.row_transforms.get(kind)
+        transform = arch.row_transforms.get(kind.name)
         order = transform(hp, entry.shape) if transform is not None else None
         plan.append(PlannedTensor(gguf_name, entry.shape, qtype, _nbytes(entry.shape, qtype), entry=entry, row_order=order))
     return plan

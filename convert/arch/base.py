@@ -25,16 +25,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
-
-import gguf
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from quantmill.errors import UnsupportedError
 
+if TYPE_CHECKING:  # gguf-py and numpy load when a record converts, not when one is read (quantize gguf reads one)
+    import gguf
+    import numpy as np
+
 HParams = dict[str, Any]
 # (hparams, tensor shape) -> row order: output row i is input row perm[i].
-RowTransform = Callable[[HParams, tuple[int, ...]], np.ndarray]
+RowTransform = Callable[[HParams, tuple[int, ...]], "np.ndarray"]
 
 # Every capability a record can claim, in pipeline order, with what it means.
 CAPABILITIES: dict[str, str] = {
@@ -115,9 +116,9 @@ class Architecture:
     hf_architectures: ClassVar[tuple[str, ...]] = ()
     model_types: ClassVar[tuple[str, ...]] = ()
     stages: ClassVar[frozenset[str]] = frozenset()
-    gguf_arch: ClassVar[gguf.MODEL_ARCH]
-    # Per GGUF tensor kind, a row permutation applied before writing.
-    row_transforms: ClassVar[Mapping[gguf.MODEL_TENSOR, RowTransform]] = {}
+    gguf_name: ClassVar[str]  # the GGUF architecture (general.architecture), as llama.cpp names it
+    # Per GGUF tensor kind (a gguf.MODEL_TENSOR member name, e.g. "ATTN_Q"), a row permutation applied before writing.
+    row_transforms: ClassVar[Mapping[str, RowTransform]] = {}
     # Tokenizer kinds this family ships with (see quantmill.convert.vocab.VOCAB_KINDS).
     vocab_kinds: ClassVar[tuple[str, ...]] = ("sentencepiece", "bpe")
     # HF tensors that carry no weights llama.cpp needs.
@@ -139,8 +140,11 @@ class Architecture:
             raise TypeError(f"{cls.__name__} claims gguf-to-hf but has no gguf_to_hf spec")
 
     @property
-    def gguf_name(self) -> str:
-        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+    def gguf_arch(self) -> gguf.MODEL_ARCH:
+        """gguf-py's enum member for :attr:`gguf_name`."""
+        import gguf
+
+        return next(arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == self.gguf_name)
 
     def supports(self, capability: str) -> bool:
         return capability in self.stages
@@ -171,6 +175,8 @@ class Architecture:
         """Refuse a checkpoint whose tensors contradict its config (before anything is written)."""
 
     def tensor_name_map(self, hparams: HParams) -> gguf.TensorNameMap:
+        import gguf
+
         return gguf.get_tensor_name_map(self.gguf_arch, self.block_count(hparams))
 
     def extra_tensors(self, hparams: HParams) -> list[tuple[gguf.MODEL_TENSOR, np.ndarray]]:

@@ -9,28 +9,33 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import gguf
+if TYPE_CHECKING:
+    import gguf
 
-V = gguf.GGUFValueType
-SCALAR_TYPES: tuple[tuple[type, gguf.GGUFValueType], ...] = ((bool, V.BOOL), (int, V.INT64), (float, V.FLOAT64), (str, V.STRING))
+# Python type → gguf.GGUFValueType member name, in the order tried (bool is an int too).
+SCALAR_TYPES: tuple[tuple[type, str], ...] = ((bool, "BOOL"), (int, "INT64"), (float, "FLOAT64"), (str, "STRING"))
 
 
 def gguf_type(value: Any, unsigned: bool = False) -> gguf.GGUFValueType | None:
-    for py_type, vtype in SCALAR_TYPES:
+    import gguf
+
+    for py_type, name in SCALAR_TYPES:
         if isinstance(value, py_type):
-            return V.UINT32 if unsigned and vtype is V.INT64 else vtype
+            return gguf.GGUFValueType.UINT32 if unsigned and name == "INT64" else gguf.GGUFValueType[name]
     return None
 
 
 def add_value(writer: gguf.GGUFWriter, key: str, value: Any, unsigned: bool = False) -> bool:
     """Write one typed key; False (nothing written) for null, empty or mixed-type values."""
+    import gguf
+
     if isinstance(value, Sequence) and not isinstance(value, str):
         types = {gguf_type(v, unsigned) for v in value}
         if len(types) != 1 or None in types:
             return False
-        writer.add_key_value(key, list(value), V.ARRAY, sub_type=types.pop())
+        writer.add_key_value(key, list(value), gguf.GGUFValueType.ARRAY, sub_type=types.pop())
         return True
     vtype = gguf_type(value, unsigned)
     if vtype is None:

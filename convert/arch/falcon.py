@@ -30,10 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import gguf
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from quantmill.convert.arch.base import Architecture, DecoderSpec, HParams
 from quantmill.convert.arch.fields import check_fields
@@ -41,7 +38,9 @@ from quantmill.convert.arch.llama import check_rope_type, rope_parameters_from_c
 from quantmill.convert.arch.registry import register
 from quantmill.errors import InputFileError, UnsupportedError
 
-T = gguf.MODEL_TENSOR
+if TYPE_CHECKING:
+    import gguf
+    import numpy as np
 
 # What transformers' FalconConfig fills in for absent fields (transformers 5).
 FALCON_DEFAULTS: dict[str, Any] = {
@@ -118,6 +117,8 @@ def kv_heads(hp: HParams) -> int:
 
 def qkv_row_order(n_head: int, n_kv: int, head_dim: int) -> np.ndarray:
     """Rows of the fused QKV regrouped from per-KV-group (q…q k v) to all q, all k, all v."""
+    import numpy as np
+
     groups = np.arange(n_head * head_dim + 2 * n_kv * head_dim).reshape(n_kv, n_head // n_kv + 2, head_dim)
     return np.concatenate([groups[:, :-2].reshape(-1), groups[:, -2].reshape(-1), groups[:, -1].reshape(-1)])
 
@@ -151,8 +152,8 @@ class FalconArchitecture(Architecture):
 
     name = "falcon"
     stages = frozenset({"convert", "merge", "bake", "statistics", "gptq", "gguf-quantize", "verify-gguf", "verify-torch"})
-    gguf_arch = gguf.MODEL_ARCH.FALCON
-    row_transforms = {T.ATTN_QKV: _reorder_qkv}
+    gguf_name = "falcon"
+    row_transforms = {"ATTN_QKV": _reorder_qkv}
     vocab_kinds = ("bpe",)
     decoder = FALCON_DECODER
 

@@ -7,15 +7,16 @@ LCKV layout (see :mod:`quantmill.convert.lckv.config` for the keys) for tools th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import gguf
+from typing import TYPE_CHECKING, Any
 
 from quantmill.convert.arch.base import DecoderSpec, HParams
 from quantmill.convert.arch.extra_keys import add_value
 from quantmill.convert.arch.llama import LlamaArchitecture
 from quantmill.convert.arch.registry import register
 from quantmill.convert.lckv.config import MODEL_TYPE, check_kv_tensors, parse_lckv
+
+if TYPE_CHECKING:
+    import gguf
 
 
 def _lckv_classes() -> tuple[Any, Any, Any]:

@@ -21,10 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
-
-import gguf
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from quantmill.convert.arch.base import Architecture, DecoderSpec, GgufToHfSpec, HParams, PreNormLayout
 from quantmill.convert.arch.extra_keys import add_config_fields
@@ -32,7 +29,9 @@ from quantmill.convert.arch.fields import check_fields, check_rope
 from quantmill.convert.arch.registry import register
 from quantmill.errors import InputFileError, UnsupportedError
 
-T = gguf.MODEL_TENSOR
+if TYPE_CHECKING:
+    import gguf
+    import numpy as np
 
 # What transformers' LlamaConfig / MistralConfig fill in for absent fields (transformers 5).
 TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -75,6 +74,8 @@ def rope_parameters_from_config(config: dict[str, Any], known_to_transformers: b
 
 def permute_rows(n_head: int, rows: int) -> np.ndarray:
     """Row order that turns HF's rotate-half Q/K layout into llama.cpp's interleaved pairs."""
+    import numpy as np
+
     return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
 
 
@@ -94,6 +95,8 @@ def llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> np.ndarray:
     power is not always correctly rounded, so for some head dims a value can differ from
     llama.cpp's by one unit in the last place; for Llama 3.1/3.2's parameters they agree.
     """
+    import numpy as np
+
     f32 = np.float32
     base = rope.get("rope_theta", DEFAULT_ROPE_THETA)
     factor = rope.get("factor", 8.0)
@@ -147,8 +150,8 @@ class LlamaArchitecture(Architecture):
 
     name = "llama"
     stages = LLAMA_STAGES
-    gguf_arch = gguf.MODEL_ARCH.LLAMA
-    row_transforms = {T.ATTN_Q: _permute_q, T.ATTN_K: _permute_k}
+    gguf_name = "llama"
+    row_transforms = {"ATTN_Q": _permute_q, "ATTN_K": _permute_k}
     decoder = DecoderSpec(_llama_classes, LLAMA_LAYOUT.groups, flow="pre-norm", pre_norm=LLAMA_LAYOUT)
     gguf_to_hf: ClassVar[GgufToHfSpec | None] = GgufToHfSpec(
         "llama", "LlamaForCausalLM", _llama_model_class,
@@ -190,9 +193,11 @@ class LlamaArchitecture(Architecture):
         return hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
 
     def extra_tensors(self, hp: HParams) -> list[tuple[gguf.MODEL_TENSOR, np.ndarray]]:
+        import gguf
+
         rope = hp["rope_parameters"]
         if str(rope.get("rope_type", "")).lower() == "llama3":
-            return [(T.ROPE_FREQS, llama3_rope_factors(rope, self.head_dim(hp)))]
+            return [(gguf.MODEL_TENSOR.ROPE_FREQS, llama3_rope_factors(rope, self.head_dim(hp)))]
         return []
 
     def write_hparams(self, writer: gguf.GGUFWriter, hp: HParams, file_type: gguf.LlamaFileType) -> None:
@@ -205,6 +210,8 @@ class LlamaArchitecture(Architecture):
     def adjust_vocab_keys(self, writer: gguf.GGUFWriter, hp: HParams) -> None:
         # llama.cpp turns BOS off for every llama model with a 49,152-token vocabulary
         # (aimed at Granite small models; SmolLM2 is one too).
+        import gguf
+
         if hp["vocab_size"] == 49152:
             existing = writer.kv_data[0].get(gguf.Keys.Tokenizer.ADD_BOS)
             if existing is not None:
@@ -242,12 +249,16 @@ def _rope_none(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
 
 
 def _rope_linear(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
+    import gguf
+
     if rope.get("factor") is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])
 
 
 def _rope_yarn(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
+    import gguf
+
     if rope.get("factor") is None:
         return
     if float(rope["factor"]) == 1.0:
@@ -274,6 +285,8 @@ def _rope_yarn(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
 
 
 def _rope_longrope(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
+    import gguf
+
     writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
 
 

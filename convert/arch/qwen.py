@@ -26,9 +26,7 @@ per-frequency factor tensors the qwen graphs never read, so they are refused.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import gguf
+from typing import TYPE_CHECKING, Any
 
 from quantmill.convert.arch.base import Architecture, DecoderSpec, HParams
 from quantmill.convert.arch.fields import check_fields
@@ -36,6 +34,9 @@ from quantmill.convert.arch.llama import LLAMA_LAYOUT, check_rope_type, rope_par
 from quantmill.convert.arch.registry import register
 from quantmill.errors import InputFileError, UnsupportedError
 from quantmill.jsonio import read_json, read_json_object
+
+if TYPE_CHECKING:
+    import gguf
 
 # What transformers' Qwen2Config / Qwen3Config fill in for absent fields (transformers 5).
 QWEN2_DEFAULTS: dict[str, Any] = {
@@ -50,18 +51,18 @@ REQUIRED_INT_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_layers"
 QWEN_ROPE_TYPES = ("default", "linear", "yarn", "dynamic")
 # sentence-transformers pooling (modules.json → <Pooling module>/config.json) as llama.cpp maps it
 POOLING_FLAGS = (
-    ("pooling_mode_mean_tokens", gguf.PoolingType.MEAN),
-    ("pooling_mode_cls_token", gguf.PoolingType.CLS),
-    ("pooling_mode_lasttoken", gguf.PoolingType.LAST),
-)
-POOLING_MODES = {"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS, "lasttoken": gguf.PoolingType.LAST}
-CLASSIFIER_POOLING = {"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS}
+    ("pooling_mode_mean_tokens", "MEAN"),
+    ("pooling_mode_cls_token", "CLS"),
+    ("pooling_mode_lasttoken", "LAST"),
+)  # values: gguf.PoolingType member names
+POOLING_MODES = {"mean": "MEAN", "cls": "CLS", "lasttoken": "LAST"}
+CLASSIFIER_POOLING = {"mean": "MEAN", "cls": "CLS"}
 QWEN_STAGES = frozenset({"convert", "statistics", "gptq", "gguf-quantize", "verify-gguf", "verify-torch"})
 POOLING_KEY = "quantmill.pooling_type"  # hparams entry (not a config field) carrying the pooling type
 
 
-def sentence_transformers_pooling(model_dir: Path) -> gguf.PoolingType | None:
-    """The pooling type of a sentence-transformers directory (modules.json), as llama.cpp reads it."""
+def sentence_transformers_pooling(model_dir: Path) -> str | None:
+    """The pooling type (a gguf.PoolingType name) of a sentence-transformers directory (modules.json), as llama.cpp reads it."""
     modules_path = model_dir / "modules.json"
     if not modules_path.is_file():
         return None
@@ -99,7 +100,7 @@ class Qwen2Architecture(Architecture):
 
     name = "qwen2"
     stages = QWEN_STAGES
-    gguf_arch = gguf.MODEL_ARCH.QWEN2
+    gguf_name = "qwen2"
     # the llama layer's module names and walk (Qwen2's q/k/v biases stay float in GPTQ checkpoints)
     decoder = DecoderSpec(_qwen2_classes, LLAMA_LAYOUT.groups, flow="pre-norm", pre_norm=LLAMA_LAYOUT)
     defaults: dict[str, Any] = QWEN2_DEFAULTS
@@ -146,15 +147,20 @@ class Qwen2Architecture(Architecture):
             )
 
     def write_hparams(self, writer: gguf.GGUFWriter, hp: HParams, file_type: gguf.LlamaFileType) -> None:
+        import gguf
+
         write_text_model_keys(writer, hp, self.block_count(hp), file_type)
         if hp.get(POOLING_KEY) is not None:
-            writer.add_pooling_type(hp[POOLING_KEY])
+            writer.add_pooling_type(gguf.PoolingType[hp[POOLING_KEY]])
         if (classifier := hp.get("classifier_pooling")) is not None:
-            writer.add_uint32(f"{writer.arch}.classifier.pooling_type", CLASSIFIER_POOLING[classifier].value)  # gguf 0.19 has no adder
+            pooling = gguf.PoolingType[CLASSIFIER_POOLING[classifier]]
+            writer.add_uint32(f"{writer.arch}.classifier.pooling_type", pooling.value)  # gguf 0.19 has no adder
 
     def adjust_vocab_keys(self, writer: gguf.GGUFWriter, hp: HParams) -> None:
         # llama.cpp's Qwen2 vocabulary (SentencePiece, else GPT-2 BPE) never writes the
         # tokenizer_config.json add_prefix_space flag that its llama path writes.
+        import gguf
+
         writer.kv_data[0].pop(gguf.Keys.Tokenizer.ADD_PREFIX, None)
 
 
@@ -163,7 +169,7 @@ class Qwen3Architecture(Qwen2Architecture):
     """Qwen3 (dense): Qwen2 without q/k/v biases, with q/k RMS norms and its own head_dim."""
 
     name = "qwen3"
-    gguf_arch = gguf.MODEL_ARCH.QWEN3
+    gguf_name = "qwen3"
     decoder = DecoderSpec(_qwen3_classes, LLAMA_LAYOUT.groups, flow="pre-norm", pre_norm=LLAMA_LAYOUT)
     defaults = QWEN3_DEFAULTS
 

@@ -107,8 +107,8 @@ def lora_factors(
     correction = module.scaling / llama_scale
     if correction != 1.0:
         b = b * correction
-    if tensor_type in arch.row_transforms:
-        perm = arch.row_transforms[tensor_type](hparams, (b.shape[0], a.shape[1]))
+    if tensor_type.name in arch.row_transforms:
+        perm = arch.row_transforms[tensor_type.name](hparams, (b.shape[0], a.shape[1]))
         b = b[perm]
     if tensor_type == gguf.MODEL_TENSOR.TOKEN_EMBD:
         a = a.T

@@ -25,6 +25,7 @@ from typing import Any, cast
 import numpy as np
 
 from quantmill.errors import InputFileError
+from quantmill.llama_lib import binding
 from quantmill.quantize.gguf.imatrix import Imatrix, imatrix_means, read_imatrix
 
 KV_IMATRIX_FILE = "quantize.imatrix.file"
@@ -40,8 +41,7 @@ def imatrix_param_array(imatrix: Imatrix | Mapping[str, np.ndarray] | Path | str
     ``imatrix`` is an ``Imatrix``, the path of an imatrix GGUF, or a ready mapping of GGUF
     weight name -> mean squared activation per input column.
     """
-    import llama_cpp
-
+    llama_cpp = binding()
     means = imatrix_means(imatrix)
     table = (llama_cpp.llama_model_imatrix_data * (len(means) + 1))()
     keepalive: list[Any] = [table]
@@ -98,8 +98,7 @@ def imatrix_kv_overrides(imatrix: Imatrix | Path | str, file_name: str | Path | 
 
 def kv_override_array(items: Sequence[tuple[str, int | str]]) -> tuple[Any, list[Any]]:
     """``llama_model_kv_override`` array (int and string values), ended by an empty key."""
-    import llama_cpp
-
+    llama_cpp = binding()
     table = (llama_cpp.llama_model_kv_override * (len(items) + 1))()
     for i, (key, value) in enumerate(items):
         raw_key, entry = key.encode("utf-8"), cast(Any, table[i])  # the binding types a union field loosely

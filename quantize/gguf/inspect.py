@@ -6,18 +6,17 @@ the ``_S``/``_M``/``_L`` mixes upgrade chosen tensors, so only the file tells th
 """
 from __future__ import annotations
 
-import struct
-import sys
+import ctypes
+import functools
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
 
-import numpy as np
-from gguf import GGUFReader, GGUFValueType
-
+from quantmill.convert.gguf_reader import check_gguf_magic
 from quantmill.errors import InputFileError
-
-GGUF_MAGIC = b"GGUF"
+from quantmill.llama_lib import c_function, libllama_log
 
 
 @dataclass(frozen=True)
@@ -86,76 +85,86 @@ class GGUFSummary:
         return {t.name: t.type_name for t in sorted(self.tensors, key=lambda t: t.name)}
 
 
-def check_gguf_magic(path: Path) -> None:
-    """Raise InputFileError unless ``path`` is a readable file that starts with the GGUF magic."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(path, "no such file", "give the path of an existing .gguf file")
-    try:
-        with path.open("rb") as fh:
-            magic = fh.read(4)
-    except OSError as exc:
-        raise InputFileError(path, f"cannot be read ({exc.strerror})", "check its permissions") from exc
-    if magic != GGUF_MAGIC:
-        raise InputFileError(path, "not a GGUF file (bad magic)", "give a .gguf model file")
+class _InitParams(ctypes.Structure):
+    """``struct gguf_init_params``: metadata only (no tensor data is read, no ggml context made)."""
+
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
 
 
-class _TableReader(GGUFReader):
-    """gguf-py's reader (gguf==0.19.0, pinned) keeping each metadata array as ONE byte block: the library
-    makes a numpy view per element, about 4 s for a 49k vocabulary. An array is only walked to its end
-    here; the rest is the library's own parser. Nothing here reads an array's ``contents()``. The file map
-    is kept as a plain view of the np.memmap, which runs Python code on each of the parser's thousands of slices."""
-
-    data = property(lambda self: self._map, lambda self, value: setattr(self, "_map", value.view(np.ndarray)))
-
-    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[Any], list[int], list[Any]]:
-        item = GGUFValueType(int(self._get(orig_offs, np.uint32)[0])) if raw_type == GGUFValueType.ARRAY else None
-        if item is None or item == GGUFValueType.ARRAY:  # scalars, strings, nested arrays: the library's way
-            return super()._get_field_parts(orig_offs, raw_type)
-        end, count = orig_offs + 12, int(self._get(orig_offs + 4, np.uint64)[0])
-        if item == GGUFValueType.STRING:
-            length = struct.Struct("<Q" if (self.byte_order == "I") == (sys.byteorder == "little") else ">Q")
-            view = memoryview(self.data)
-            try:
-                for _ in range(count):
-                    end += 8 + length.unpack_from(view, end)[0]
-            except struct.error as exc:
-                raise ValueError(f"string array at byte {orig_offs} runs past the end of the file") from exc
-        else:
-            end += count * np.dtype(self.gguf_scalar_to_np[item]).itemsize
-        if end > self.data.size:
-            raise ValueError(f"array at byte {orig_offs} runs past the end of the file")
-        return end - orig_offs, [self._get(orig_offs, np.uint8, end - orig_offs)], [], [GGUFValueType.ARRAY, item]
+_GGUF_TYPE_UINT32, _GGUF_TYPE_STRING = 4, 8  # enum gguf_type (gguf.h)
+_MAX_DIMS = 4  # GGML_MAX_DIMS
 
 
-def read_gguf(path: str | Path) -> tuple[GGUFSummary, Any]:
-    """``path``'s summary and its memory-mapped reader (whose ``tensors`` give the data), read once."""
-    path = Path(path)
-    check_gguf_magic(path)
-    try:
-        reader = _TableReader(path, "r")
-    except (ValueError, OSError, IndexError, KeyError, OverflowError) as exc:
-        raise InputFileError(path, f"malformed GGUF ({exc})", "re-create the file") from exc
-    tensors = tuple(
-        TensorInfo(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape), int(t.n_elements), int(t.n_bytes))
-        for t in reader.tensors
+@functools.cache
+def _reader() -> SimpleNamespace:
+    """ggml's GGUF reader (``gguf.h`` in the libggml llama-cpp-python ships), declared once."""
+    p, i64, size = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
+    return SimpleNamespace(
+        init=c_function("gguf_init_from_file", p, ctypes.c_char_p, _InitParams),
+        free=c_function("gguf_free", None, p),
+        n_kv=c_function("gguf_get_n_kv", i64, p),
+        key=c_function("gguf_get_key", ctypes.c_char_p, p, i64),
+        kv_type=c_function("gguf_get_kv_type", ctypes.c_int, p, i64),
+        val_u32=c_function("gguf_get_val_u32", ctypes.c_uint32, p, i64),
+        val_str=c_function("gguf_get_val_str", ctypes.c_char_p, p, i64),
+        n_tensors=c_function("gguf_get_n_tensors", i64, p),
+        tensor_name=c_function("gguf_get_tensor_name", ctypes.c_char_p, p, i64),
+        tensor_type=c_function("gguf_get_tensor_type", ctypes.c_int, p, i64),
+        tensor_ne=c_function("gguf_get_tensor_ne", ctypes.POINTER(i64), p, i64),
+        tensor_size=c_function("gguf_get_tensor_size", size, p, i64),
+        tensor_offset=c_function("gguf_get_tensor_offset", size, p, i64),
+        data_offset=c_function("gguf_get_data_offset", size, p),
+        type_name=c_function("ggml_type_name", ctypes.c_char_p, ctypes.c_int),
     )
-    file_type, arch = reader.fields.get("general.file_type"), reader.fields.get("general.architecture")
-    summary = GGUFSummary(
-        path=path,
-        file_size=path.stat().st_size,
-        file_type=int(file_type.contents()) if file_type is not None else None,
-        tensors=tensors,
-        by_type=_totals_by_type(tensors),
-        architecture=str(arch.contents()) if arch is not None else "",
-        keys=tuple(k for k in reader.fields if not k.startswith("GGUF.")),
-    )
-    return summary, reader
 
 
 def summarize_gguf(path: str | Path) -> GGUFSummary:
-    """Read ``path``'s tensor table (memory-mapped, no tensor data is copied)."""
-    return read_gguf(path)[0]
+    """``path``'s metadata keys and tensor table, read by ggml's own GGUF reader (no tensor data is read).
+
+    A tensor's shape is ggml's: ``ne`` with trailing 1s dropped (at least one dimension), row length first.
+    """
+    path = Path(path)
+    check_gguf_magic(path)
+    c = _reader()
+    with libllama_log() as log:
+        ctx = c.init(os.fsencode(path), _InitParams(True, None))
+    if not ctx:
+        raise InputFileError(path, f"malformed GGUF ({log.error_summary()})", "re-create the file")
+    try:
+        keys = tuple(c.key(ctx, k).decode("utf-8", errors="replace") for k in range(c.n_kv(ctx)))
+        values = {key: k for k, key in enumerate(keys)}
+        file_type = values.get("general.file_type")
+        arch = values.get("general.architecture")
+        tensors = tuple(_tensor(c, ctx, t) for t in range(c.n_tensors(ctx)))
+        file_size = path.stat().st_size
+        data_end = max((c.data_offset(ctx) + c.tensor_offset(ctx, t) + tensors[t].n_bytes for t in range(len(tensors))), default=0)
+        if data_end > file_size:
+            raise InputFileError(path, f"truncated: its tensor data ends at byte {data_end:,}, the file has {file_size:,}",
+                                 "re-create or re-download the file")
+        return GGUFSummary(
+            path=path,
+            file_size=file_size,
+            file_type=int(c.val_u32(ctx, file_type)) if file_type is not None and c.kv_type(ctx, file_type) == _GGUF_TYPE_UINT32 else None,
+            tensors=tensors,
+            by_type=_totals_by_type(tensors),
+            architecture=c.val_str(ctx, arch).decode() if arch is not None and c.kv_type(ctx, arch) == _GGUF_TYPE_STRING else "",
+            keys=keys,
+        )
+    finally:
+        c.free(ctx)
+
+
+def _tensor(c: SimpleNamespace, ctx: int, t: int) -> TensorInfo:
+    ne = c.tensor_ne(ctx, t)[:_MAX_DIMS]
+    while len(ne) > 1 and ne[-1] == 1:
+        ne.pop()
+    return TensorInfo(
+        name=c.tensor_name(ctx, t).decode("utf-8", errors="replace"),
+        type_name=c.type_name(c.tensor_type(ctx, t)).decode().upper(),
+        shape=tuple(int(d) for d in ne),
+        n_elements=math.prod(ne),
+        n_bytes=int(c.tensor_size(ctx, t)),
+    )
 
 
 def _totals_by_type(tensors: tuple[TensorInfo, ...]) -> dict[str, TypeTotals]:

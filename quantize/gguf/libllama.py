@@ -3,124 +3,41 @@
 The quantization itself is llama.cpp's: quantmill builds the parameter struct (file type,
 per-tensor overrides, threads), checks the request up front so that mistakes are one-line
 errors instead of libllama aborts, writes under a temporary name and renames, and then reads
-the result back to report what each tensor really became.
-
-libllama's log goes to the ``quantmill.libllama`` logger instead of stderr; see
-:func:`libllama_log`.
+the result back to report what each tensor really became. libllama checks each tensor's data as
+it reads it (NaN, Inf, invalid blocks); that refusal comes back naming the tensor and the input.
+Its log goes to the ``quantmill.libllama`` logger, not stderr (:func:`quantmill.llama_lib.libllama_log`).
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
-import logging
 import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from gguf.constants import GGMLQuantizationType
-
 from quantmill.atomic import atomic_file
 from quantmill.errors import InputFileError, OutputError, ToolError, UnsupportedError, UserInputError
+from quantmill.llama_lib import binding, libllama_log
 from quantmill.outputs import check_output, gguf_signature
-from quantmill.quantize.gguf.inspect import GGUFSummary, check_gguf_magic, read_gguf, summarize_gguf
-from quantmill.quantize.gguf.types import ALIASES, FILE_TYPES, GGUFFileType, lookup_file_type, parse_tensor_type
+from quantmill.quantize.gguf.inspect import GGUFSummary, check_gguf_magic, summarize_gguf
+from quantmill.quantize.gguf.types import ALIASES, FILE_TYPES, FLOAT_TYPES, GGMLType, GGUFFileType, lookup_file_type, parse_tensor_type
 
-LOG = logging.getLogger("quantmill.libllama")
-
-# ggml_log_level → Python logging level (GGML_LOG_LEVEL_CONT continues the previous line).
-_GGML_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
-_GGML_LEVEL_CONT = 5
-
-_T = GGMLQuantizationType
 # Tensor types llama.cpp refuses to produce without an importance matrix.
-IMATRIX_TENSOR_TYPES = frozenset({_T.IQ1_S, _T.IQ1_M, _T.IQ2_XXS, _T.IQ2_XS, _T.IQ2_S, _T.IQ3_XXS})
-# The float tensor types → (their bits as an integer, the exponent mask): a NaN or an infinity has
-# every exponent bit set, so its bits without the sign reach the mask (no float conversion needed).
-_EXPONENT_BITS: dict[GGMLQuantizationType, tuple[type[np.uint16] | type[np.uint32], int]] = {
-    _T.F32: (np.uint32, 0x7F800000), _T.F16: (np.uint16, 0x7C00), _T.BF16: (np.uint16, 0x7F80)}
-FINITE_CHECK_ELEMENTS = 1 << 20
+IMATRIX_TENSOR_TYPES = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
 
 # libllama's per-tensor fallback warning (src/llama-quant.cpp, tensor_type_fallback).
 _FALLBACK_RE = re.compile(
     r"warning: (?P<name>\S+)\s+- ncols\s+(?P<ncols>\d+) not divisible by\s+(?P<block>\d+)"
     r" \(required for type\s+(?P<wanted>\S+)\)\s*(?:\(WARNING:[^)]*\)\s*)?-> falling back to\s+(?P<used>\S+)"
 )
-
-
-# --------------------------------------------------------------------------- log routing
-
-
 # libllama's per-tensor quantization line: "[  12/ 272] blk.1.attn_q.weight - ..."
 _TENSOR_PROGRESS_RE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
-
-
-@dataclass
-class LibllamaLog:
-    """Text libllama logged while a :func:`libllama_log` block was active.
-
-    ``on_tensor(done, total)`` is called for each tensor line ``llama_model_quantize`` logs.
-    """
-
-    warnings: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    on_tensor: Callable[[int, int], None] | None = None
-    _level: int = logging.DEBUG
-
-    def add(self, ggml_level: int, text: str) -> None:
-        level = self._level if ggml_level == _GGML_LEVEL_CONT else _GGML_LEVELS.get(ggml_level, logging.DEBUG)
-        self._level = level
-        if self.on_tensor is not None and (match := _TENSOR_PROGRESS_RE.match(text)):
-            self.on_tensor(int(match.group(1)), int(match.group(2)))
-        if level >= logging.ERROR:
-            self.errors.append(text)
-        elif level >= logging.WARNING:
-            self.warnings.append(text)
-        if text.strip():  # failures surface as exceptions; the log itself is detail
-            LOG.debug("%s", text.rstrip("\n"))
-
-    def error_summary(self) -> str:
-        lines = [ln.strip(" =\n") for ln in "".join(self.errors).splitlines()]
-        return "; ".join(ln for ln in lines if ln) or "no message from libllama"
-
-
-_active_log: list[LibllamaLog] = []
-
-
-def _on_log(level: int, text: bytes | None, _user_data: ctypes.c_void_p) -> None:
-    message = (text or b"").decode("utf-8", errors="replace")
-    if _active_log:
-        _active_log[-1].add(level, message)
-    elif message.strip():
-        LOG.debug("%s", message.rstrip("\n"))
-
-
-@functools.cache
-def _install_log_callback() -> object:
-    """Route libllama/ggml logging through :func:`_on_log` (once per process)."""
-    import llama_cpp
-
-    callback = llama_cpp.llama_log_callback(_on_log)
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-    llama_cpp.llama_backend_init()
-    return callback  # cached: the ctypes callback must outlive every libllama call
-
-
-@contextlib.contextmanager
-def libllama_log(on_tensor: Callable[[int, int], None] | None = None) -> Iterator[LibllamaLog]:
-    """Collect libllama's log during the block; nothing of it reaches stderr."""
-    _install_log_callback()
-    log = LibllamaLog(on_tensor=on_tensor)
-    _active_log.append(log)
-    try:
-        yield log
-    finally:
-        _active_log.remove(log)
+# libllama checks every input tensor as it reads it (ggml_validate_row_data: NaN/Inf, bad scales)
+_INVALID_DATA_RE = re.compile(r"tensor '(?P<name>[^']+)' has invalid data")
 
 
 # --------------------------------------------------------------------------- requests
@@ -131,7 +48,7 @@ class TensorOverride:
     """``REGEX=TYPE``: tensors whose name matches REGEX (searched, as libllama does) get TYPE."""
 
     pattern: str
-    tensor_type: GGMLQuantizationType
+    tensor_type: GGMLType
 
     @classmethod
     def parse(cls, spec: str) -> TensorOverride:
@@ -182,22 +99,12 @@ def parse_overrides(specs: Sequence[str]) -> tuple[TensorOverride, ...]:
     return tuple(TensorOverride.parse(spec) for spec in specs)
 
 
-def check_tensor_data(reader: Any, source: Path) -> None:
-    """Refuse an empty tensor (libllama divides by its size) and NaN/Inf in float tensors, naming the tensor."""
-    for tensor in reader.tensors:
-        if int(tensor.n_elements) == 0:
-            raise InputFileError(source, f"tensor {tensor.name!r} is empty (shape {[int(d) for d in tensor.shape]})",
+def check_tensor_sizes(summary: GGUFSummary) -> None:
+    """Refuse an empty tensor (libllama divides by its size), naming the tensor."""
+    for tensor in summary.tensors:
+        if tensor.n_elements == 0:
+            raise InputFileError(summary.path, f"tensor {tensor.name!r} is empty (shape {list(tensor.shape)})",
                                  "re-create the GGUF from a complete checkpoint")
-        if tensor.tensor_type not in _EXPONENT_BITS:
-            continue
-        bits, exponent = _EXPONENT_BITS[tensor.tensor_type]
-        flat = np.asarray(tensor.data).reshape(-1).view(bits)
-        buffer = np.empty(min(flat.size, FINITE_CHECK_ELEMENTS), bits)
-        for start in range(0, flat.size, FINITE_CHECK_ELEMENTS):
-            chunk = flat[start:start + FINITE_CHECK_ELEMENTS]
-            if np.bitwise_and(chunk, np.iinfo(bits).max >> 1, out=buffer[:chunk.size]).max() >= exponent:
-                raise InputFileError(source, f"tensor {tensor.name!r} holds NaN or infinite values",
-                                     "fix the weights and re-create the GGUF; quantmill never quantizes non-finite weights")
 
 
 def _check_request(source: Path, output: Path, file_type: GGUFFileType, overrides: Sequence[TensorOverride],
@@ -214,18 +121,18 @@ def _check_request(source: Path, output: Path, file_type: GGUFFileType, override
         raise UnsupportedError(f"--override-tensor: libllama ignores overrides for --type {file_type.name}; "
                                "use a quantized type or drop the overrides")
     for override in overrides:
-        if override.tensor_type in IMATRIX_TENSOR_TYPES and imatrix is None:
+        if override.tensor_type.name in IMATRIX_TENSOR_TYPES and imatrix is None:
             raise UnsupportedError(f"--override-tensor {override.pattern}={override.tensor_type.name}: this tensor type "
                                    "needs an importance matrix; choose another type")
-    summary, reader = read_gguf(source)
+    summary = summarize_gguf(source)
     summary.require("gguf-quantize")
     names = [t.name for t in summary.tensors]
     for override in overrides:
         if not any(re.search(override.pattern, name) for name in names):
             raise UserInputError(f"--override-tensor {override.pattern!r}: matches no tensor in {source}; "
                                  f"tensor names look like {names[len(names) // 2]!r}")
-    check_tensor_data(reader, source)
-    requantized = sorted(t.name for t in summary.tensors if len(t.shape) >= 2 and _T.__members__[t.type_name] not in _EXPONENT_BITS)
+    check_tensor_sizes(summary)
+    requantized = sorted(t.name for t in summary.tensors if len(t.shape) >= 2 and t.type_name not in FLOAT_TYPES)
     if requantized and not allow_requantize:
         raise UserInputError(f"{source}: already quantized ({len(requantized)} tensors, e.g. {requantized[0]}); "
                              "start from an F32/F16/BF16 GGUF, or pass --allow-requantize (compounds the error)")
@@ -235,9 +142,8 @@ def _check_request(source: Path, output: Path, file_type: GGUFFileType, override
 def _build_params(file_type: GGUFFileType, overrides: Sequence[TensorOverride], threads: int | None,
                   allow_requantize: bool) -> tuple[Any, Any, list[bytes]]:
     """The ``llama_model_quantize_params`` struct, plus objects that must stay alive with it."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
+    lib = binding()
+    params = lib.llama_model_quantize_default_params()
     params.ftype = file_type.ftype_value
     params.nthread = threads if threads and threads > 0 else 0
     params.allow_requantize = allow_requantize
@@ -245,14 +151,14 @@ def _build_params(file_type: GGUFFileType, overrides: Sequence[TensorOverride], 
     table = None
     if overrides:
         # NULL-pattern-terminated array, as llama-quantize builds it for --tensor-type.
-        table = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+        table = (lib.llama_model_tensor_override * (len(overrides) + 1))()
         for i, override in enumerate(overrides):
             pattern = override.pattern.encode("utf-8")
             keep_alive.append(pattern)
             table[i].pattern = pattern
-            table[i].type = int(override.tensor_type)
+            table[i].type = override.tensor_type.value
         table[len(overrides)].pattern = None  # the terminator; its type is never read
-        params.tt_overrides = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        params.tt_overrides = ctypes.cast(table, ctypes.POINTER(lib.llama_model_tensor_override))
     return params, table, keep_alive
 
 
@@ -277,8 +183,8 @@ def _parse_fallbacks(warnings: Sequence[str]) -> tuple[Fallback, ...]:
 
 
 @contextlib.contextmanager
-def _progress(desc: str, show: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """``on_tensor`` for :func:`libllama_log`: a progress bar on stderr (tqdm is imported only to show one)."""
+def _progress(desc: str, show: bool) -> Iterator[Callable[[str], None] | None]:
+    """``on_line`` for :func:`libllama_log`: a per-tensor progress bar on stderr (tqdm is imported only to show one)."""
     if not show:
         yield None
         return
@@ -286,9 +192,10 @@ def _progress(desc: str, show: bool) -> Iterator[Callable[[int, int], None] | No
 
     with tqdm(desc=desc, unit="tensor", leave=False) as bar:
 
-        def advance(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+        def advance(line: str) -> None:
+            if match := _TENSOR_PROGRESS_RE.match(line):
+                bar.total = int(match.group(2))
+                bar.update(int(match.group(1)) - bar.n)
 
         yield advance
 
@@ -299,9 +206,13 @@ MIN_FREE_BYTES = 1 << 20
 
 
 def _quantize_failure(source: Path, target: Path, type_name: str, summary: str) -> Exception:
-    """libllama's failure as one line that blames the right file: the output's disk for a failed write."""
+    """libllama's failure as one line that blames the right file: the input for invalid tensor data, the
+    output's disk for a failed write."""
     import shutil
 
+    if invalid := _INVALID_DATA_RE.search(summary):
+        return InputFileError(source, f"tensor {invalid['name']!r} holds NaN or infinite values (or invalid quantized blocks)",
+                              "fix the weights and re-create the GGUF; quantmill never quantizes non-finite weights")
     if any(marker in summary.lower() for marker in IOSTREAM_ERRORS):
         try:
             free = shutil.disk_usage(target.resolve().parent).free
@@ -333,9 +244,6 @@ def quantize_gguf(source: str | Path, file_type: str | GGUFFileType, output: str
     spec = file_type if isinstance(file_type, GGUFFileType) else lookup_file_type(file_type)
     target = Path(output) if output is not None else default_output_path(source, spec)
     summary = _check_request(source, target, spec, overrides, allow_requantize, imatrix)
-
-    import llama_cpp
-
     params, _table, _keep = _build_params(spec, overrides, threads, allow_requantize)
     if imatrix is not None:
         _keep.extend(_attach_imatrix(params, Path(imatrix), summary))
@@ -343,9 +251,9 @@ def quantize_gguf(source: str | Path, file_type: str | GGUFFileType, output: str
     with (
         _progress(f"quantize {spec.name}", progress) as on_tensor,
         atomic_file(target) as tmp,
-        libllama_log(on_tensor=on_tensor) as log,
+        libllama_log(on_line=on_tensor) as log,
     ):
-        status = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(tmp), ctypes.byref(params))
+        status = binding().llama_model_quantize(os.fsencode(source), os.fsencode(tmp), ctypes.byref(params))
         if status != 0:
             raise _quantize_failure(source, target, spec.name, log.error_summary())
         fallbacks = _parse_fallbacks(log.warnings)

@@ -1,7 +1,6 @@
 """``quantmill quantize``: gguf (llama.cpp's own quantizer, libllama) and gptq (one checkpoint per branch)."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ BRANCH_HELP = (
 
 
 class _TypeOption(click.Option):
-    """``--type``, whose help (the file-type table, read from gguf-py) is built only when help is shown."""
+    """``--type``, whose help (the file-type table, with libggml's sizes) is built only when help is shown."""
 
     def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
         from quantmill.quantize.gguf.types import ALIASES, FILE_TYPES
@@ -47,8 +46,6 @@ def quantize() -> None:
 def quantize_gguf(model: Path, type_name: str, output: Path | None, overrides: tuple[str, ...], imatrix: Path | None,
                   threads: int | None, allow_requantize: bool) -> None:
     """Quantize the GGUF file MODEL with llama.cpp's own quantizer (libllama)."""
-    if "numpy" not in sys.modules:  # its BLAS is idle here: no thread pool to start (~0.1 CPU-s)
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from quantmill.quantize.gguf.inspect import format_summary
     from quantmill.quantize.gguf.libllama import parse_overrides
     from quantmill.quantize.gguf.libllama import quantize_gguf as run_quantize

@@ -1,4 +1,4 @@
-"""ggml's C quantizers give exactly the bytes of gguf-py's numpy ones (which llama.cpp's converter uses)."""
+"""ggml's C conversions and quantizers give exactly the bytes of gguf-py's numpy ones (which llama.cpp's converter uses)."""
 from __future__ import annotations
 
 import gguf
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from quantmill.convert import ggml_quants
+from quantmill.convert.safetensors_io import to_float32
 
 Q = gguf.GGMLQuantizationType
 
@@ -61,4 +62,52 @@ def test_float16_widening_is_exact(shape: tuple[int, ...]) -> None:
     assert ours.dtype == np.float32 and ours.shape == rows.shape
     assert np.array_equal(ours.view(np.uint32), rows.astype(np.float32).view(np.uint32))
     assert np.isnan(ggml_quants.widen_rows(np.full(5, np.nan, np.float16), "F16")).all()
-    assert ggml_quants._fp16_to_fp32() is not None, "libggml-cpu from llama-cpp-python must load here"
+    assert ggml_quants._widener("F16") is not None, "libggml-cpu from llama-cpp-python must load here"
+
+
+def _every_value(dtype: str) -> np.ndarray:
+    """Every non-NaN bit pattern of a 16-bit float (infinities included), as stored in safetensors."""
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    if dtype == "F16":
+        values = bits.view(np.float16)
+        return values[~np.isnan(values)]
+    return bits[~np.isnan((bits.astype(np.uint32) << 16).view(np.float32))]  # BF16: stored as uint16
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16", "F32"])
+@pytest.mark.parametrize("qtype", [Q.BF16, Q.Q8_0])
+def test_encode_in_spans_gives_gguf_py_bytes(dtype: str, qtype: Q) -> None:
+    """Stored rows → bytes through the per-span path, across span boundaries and into a larger ``out``:
+    exactly ``gguf.quants.quantize`` of the float32 widening (llama.cpp's converter's computation)."""
+    rng = np.random.default_rng(4)
+    if dtype == "F32":
+        n = 3 * ggml_quants.SPAN + 4096
+        stored = (rng.standard_normal(n) * 10.0 ** rng.integers(-40, 37, n)).astype(np.float32)  # subnormal to huge
+    else:
+        every = _every_value(dtype)
+        if qtype == Q.Q8_0:  # an infinite block scale is NaN, whose payload may differ; the converter refuses inf anyway
+            every = every[np.isfinite(to_float32(every, dtype))]
+        copies = 5 * ggml_quants.SPAN // (2 * every.size)
+        stored = np.concatenate([every, *(every[rng.permutation(every.size)] for _ in range(copies))])
+    stored = stored[: stored.size // 256 * 256].reshape(-1, 256)  # rows of whole Q8_0 blocks, several spans in all
+    assert stored.size > 2 * ggml_quants.SPAN and stored.size % ggml_quants.SPAN
+    want = gguf.quants.quantize(to_float32(stored, dtype), qtype)
+    assert np.array_equal(ggml_quants.encode(stored, dtype, qtype), want)
+    out = np.full(want.nbytes + 100, 0xAB, np.uint8)
+    got = ggml_quants.encode(stored, dtype, qtype, out=out)
+    assert np.shares_memory(got, out) and np.array_equal(got, want) and (out[want.nbytes:] == 0xAB).all()
+
+
+def test_encode_check_sees_every_widened_value_and_can_stop_it() -> None:
+    rows = (np.arange(5 * ggml_quants.SPAN // 2) % 2048).astype(np.float16).reshape(-1, 64)
+    seen: list[np.ndarray] = []
+    ggml_quants.encode(rows, "F16", Q.BF16, check=lambda values: seen.append(values.copy()))
+    assert len(seen) == 3 and np.array_equal(np.concatenate(seen), rows.reshape(-1).astype(np.float32))
+
+    def refuse_last(values: np.ndarray) -> None:
+        if not np.isfinite(values).all():
+            raise ValueError("non-finite")
+
+    rows.reshape(-1)[-1] = np.inf  # in the last span only
+    with pytest.raises(ValueError, match="non-finite"):
+        ggml_quants.encode(rows, "F16", Q.BF16, check=refuse_last)

@@ -275,7 +275,7 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path: Path, capsys: pytest.C
     missing = tmp_path / "nope.gguf"
     assert main(["convert", "gguf-to-hf", str(missing), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"quantmill: error: {missing}: GGUF file not found; check the path"
+    assert err == f"quantmill: error: {missing}: no such file; check the path"
     assert not (tmp_path / "out").exists()
 
 

@@ -128,7 +128,7 @@ def test_sharded_checkpoint_gives_the_same_stats(make_tiny_llama, calib: Calibra
 
 def test_gguf_names_follow_gguf_py() -> None:
     decoder = LlamaArchitecture.decoder
-    names = [gguf_weight_name(LlamaArchitecture.gguf_arch, decoder.hf_linear_name(7, n), 8) for n in decoder.linear_names]
+    names = [gguf_weight_name(LlamaArchitecture().gguf_arch, decoder.hf_linear_name(7, n), 8) for n in decoder.linear_names]
     assert names == [
         "blk.7.attn_k.weight", "blk.7.attn_q.weight", "blk.7.attn_v.weight", "blk.7.attn_output.weight",
         "blk.7.ffn_gate.weight", "blk.7.ffn_up.weight", "blk.7.ffn_down.weight",

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from quantmill.errors import InputFileError, ToolError, UserInputError
+from quantmill.llama_lib import binding, libllama_log
 from quantmill.quantize.gguf.inspect import GGUFSummary, summarize_gguf
-from quantmill.quantize.gguf.libllama import libllama_log
 from quantmill.verify.backends.base import (
     ArtifactInfo,
     BackendOptions,
@@ -47,8 +47,7 @@ class LlamaCppBackend:
     """A GGUF model loaded in libllama; contexts are made per plan (they depend on n_ctx)."""
 
     def __init__(self, path: Path, options: BackendOptions) -> None:
-        import llama_cpp
-
+        llama_cpp = binding()
         self._llama = llama_cpp
         self.path = Path(path)
         self.options = options
