@@ -86,8 +86,9 @@ def warm(model: Path) -> None:
                 pass
 
 
-def write_random_llama(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """A random fp16 llama checkpoint, one safetensors shard per decoder layer (plus one for the rest)."""
+def write_random_llama(out: Path, tokenizer_dir: Path | None, seed: int = 0, shape: dict[str, int] = RANDOM_1B,
+                       tie_word_embeddings: bool = False) -> Path:
+    """A random fp16 llama checkpoint of ``shape``, one safetensors shard per decoder layer (plus one for the rest)."""
     from safetensors.numpy import save_file
 
     if (out / "model.safetensors.index.json").is_file():
@@ -96,7 +97,7 @@ def write_random_llama(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    c = RANDOM_1B
+    c = shape
     head_dim = c["hidden_size"] // c["num_attention_heads"]
     kv = c["num_key_value_heads"] * head_dim
     h, ff, n = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
@@ -119,8 +120,8 @@ def write_random_llama(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     for i in range(total):
         tensors = shards[i] if i < n else {
             "model.embed_tokens.weight": rand(c["vocab_size"], h),
-            "lm_head.weight": rand(c["vocab_size"], h),
             "model.norm.weight": np.ones(h, np.float16),
+            **({} if tie_word_embeddings else {"lm_head.weight": rand(c["vocab_size"], h)}),
         }
         name = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
         save_file(tensors, str(tmp / name), metadata={"format": "pt"})
@@ -131,11 +132,11 @@ def write_random_llama(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float16",
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": tie_word_embeddings,
         "bos_token_id": 1, "eos_token_id": 2, **c,
     }
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json") if tokenizer_dir is not None else ():
         shutil.copy(tokenizer_dir / name, tmp / name)
     os.replace(tmp, out)
     return out

@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_stats_memory import add_sweep_arguments, depth_sweep  # random llamas of growing depth, and the verdict
+
 DEFAULT_GPTQMODEL_PYTHON = Path(os.environ.get("QUANTMILL_GPTQMODEL_PYTHON",
                                                Path.home() / ".cache" / "quantmill" / "gptqmodel-venv" / "bin" / "python"))
 
@@ -272,25 +274,8 @@ def load(args: argparse.Namespace) -> None:
 
 
 def memory(args: argparse.Namespace) -> None:
-    from bench_stats_memory import BUILDER  # the random-llama builder shared with the statistics benchmark
-
-    results: dict[int, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench_gptq_mem_") as tmp:
-        for layers in args.layers:
-            model = Path(tmp) / f"random-{layers}"
-            run([sys.executable, "-c", BUILDER, str(model), str(layers), str(args.hidden), str(args.intermediate), str(args.vocab)])
-            out, wall, _ = run([sys.executable, "-c", MEMORY_WORKER, str(model), str(args.samples), str(args.seqlen),
-                                str(args.threads), args.branches, args.malloc])
-            row = {"layers": layers, "hidden": args.hidden, "intermediate": args.intermediate, "samples": args.samples,
-                   "seqlen": args.seqlen, "branches": args.branches, "malloc": args.malloc, **json.loads(out), "wall_s": wall}
-            results[layers] = row
-            print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    lo, hi = min(results), max(results)
-    ratio = results[hi]["peak_rss_mb"] / results[lo]["peak_rss_mb"]
-    verdict = "PASS" if ratio <= 1 + args.tolerance else "FAIL"
-    print(f"{verdict}: peak RSS {hi} layers / {lo} layers = {ratio:.3f} (limit {1 + args.tolerance:.2f})")
-    if verdict == "FAIL":
-        sys.exit(1)
+    depth_sweep(args, MEMORY_WORKER, lambda model: [str(model), str(args.samples), str(args.seqlen), str(args.threads),
+                                                    args.branches, args.malloc], {"branches": args.branches, "malloc": args.malloc})
 
 
 def main() -> None:
@@ -321,15 +306,8 @@ def main() -> None:
     lo.add_argument("--loaders", nargs="+", choices=LOADERS, default=list(LOADERS))
     lo.set_defaults(func=load)
     m = sub.add_parser("memory", help="peak RSS of the GPTQ engine: 32-layer vs 8-layer random llama")
-    m.add_argument("--layers", type=int, nargs="+", default=[8, 32])
-    m.add_argument("--hidden", type=int, default=576)
-    m.add_argument("--intermediate", type=int, default=1536)
-    m.add_argument("--vocab", type=int, default=49152)
-    m.add_argument("--samples", type=int, default=16)
-    m.add_argument("--seqlen", type=int, default=512)
-    m.add_argument("--threads", type=int, default=2)
+    add_sweep_arguments(m)
     m.add_argument("--branches", default="4bit-128g-actorder", help="comma-separated branch specs")
-    m.add_argument("--tolerance", type=float, default=0.10)
     m.add_argument("--malloc", choices=("bounded", "default"), default="default",
                    help="bounded: EngineOptions.bound_heap (glibc mmap threshold 1 MiB); default: glibc's own policy")
     m.set_defaults(func=memory)

@@ -1,8 +1,8 @@
 """Peak RSS of the statistics pass: a random 32-layer llama against an 8-layer one of the same width.
 
 The pass keeps one decoder layer and the calibration activations in memory, so its peak
-must not grow with depth. Each measurement runs in a fresh subprocess (``ru_maxrss``),
-after the random checkpoints have been written by another subprocess.
+must not grow with depth. Each measurement runs in a fresh subprocess (``ru_maxrss``);
+the random checkpoints are bench_convert.py's (one shard per layer).
 
     python benchmarks/bench_stats_memory.py                  # SmolLM2 width (576 / 1536), 16 x 512 tokens
     python benchmarks/bench_stats_memory.py --layers 8 32 --hidden 1024 --intermediate 2816
@@ -17,7 +17,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from bench_convert import write_random_llama
 
 WORKER = r"""
 import json, resource, sys, time
@@ -40,37 +44,6 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
                   "peak_before_pass_mb": before / 1024, "seconds": time.perf_counter() - start}))
 """
 
-BUILDER = r"""
-import json, sys
-from pathlib import Path
-import numpy as np
-from safetensors.numpy import save_file
-from transformers import LlamaConfig
-out, layers, hidden, inter, vocab = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-heads, kv_heads = hidden // 64, max(1, hidden // 192)
-config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                     num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=True,
-                     max_position_embeddings=2048, torch_dtype="float16")
-config.save_pretrained(out)
-rng = np.random.Generator(np.random.PCG64(0))
-def w(*shape):
-    return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
-kv = kv_heads * 64
-tensors = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": np.ones(hidden, np.float16)}
-for i in range(layers):
-    p = f"model.layers.{i}."
-    tensors.update({
-        p + "input_layernorm.weight": np.ones(hidden, np.float16),
-        p + "post_attention_layernorm.weight": np.ones(hidden, np.float16),
-        p + "self_attn.q_proj.weight": w(hidden, hidden), p + "self_attn.k_proj.weight": w(kv, hidden),
-        p + "self_attn.v_proj.weight": w(kv, hidden), p + "self_attn.o_proj.weight": w(hidden, hidden),
-        p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
-        p + "mlp.down_proj.weight": w(hidden, inter),
-    })
-save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-"""
-
-
 def run_python(code: str, *args: str) -> str:
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -78,8 +51,8 @@ def run_python(code: str, *args: str) -> str:
     return result.stdout
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """The depths and the width of the random llamas, the calibration size, threads and the verdict's tolerance."""
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--intermediate", type=int, default=1536)
@@ -88,19 +61,24 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tolerance", type=float, default=0.10)
-    args = parser.parse_args()
 
-    results: dict[int, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench_stats_") as tmp:
+
+def depth_sweep(args: argparse.Namespace, worker: str, worker_args: Callable[[Path], list[str]], fields: dict[str, Any]) -> None:
+    """Per --layers depth, a random llama of that depth and ``worker`` run on it in a fresh process (one JSON line each);
+    then the verdict: the deepest one's peak RSS within --tolerance of the shallowest one's (exit 1 if not)."""
+    results: dict[int, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
         for layers in args.layers:
             model = Path(tmp) / f"random-{layers}"
-            run_python(BUILDER, str(model), str(layers), str(args.hidden), str(args.intermediate), str(args.vocab))
-            size_mb = (model / "model.safetensors").stat().st_size / 2**20
+            shape = {"hidden_size": args.hidden, "intermediate_size": args.intermediate, "num_hidden_layers": layers,
+                     "num_attention_heads": args.hidden // 64, "num_key_value_heads": max(1, args.hidden // 192), "vocab_size": args.vocab}
+            write_random_llama(model, None, shape=shape, tie_word_embeddings=True)
+            size_mb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**20
             started = time.perf_counter()
-            out = run_python(WORKER, str(model), str(args.samples), str(args.seqlen), str(model / "imatrix.gguf"), str(args.threads))
+            out = run_python(worker, *worker_args(model))
             row = {"layers": layers, "hidden": args.hidden, "intermediate": args.intermediate, "checkpoint_mb": round(size_mb, 1),
-                   "samples": args.samples, "seqlen": args.seqlen, **json.loads(out)}
-            row["wall_s"] = round(time.perf_counter() - started, 1)
+                   "samples": args.samples, "seqlen": args.seqlen, **fields, **json.loads(out),
+                   "wall_s": round(time.perf_counter() - started, 1)}
             results[layers] = row
             print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     lo, hi = min(results), max(results)
@@ -109,6 +87,14 @@ def main() -> None:
     print(f"{verdict}: peak RSS {hi} layers / {lo} layers = {ratio:.3f} (limit {1 + args.tolerance:.2f})")
     if verdict == "FAIL":
         sys.exit(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sweep_arguments(parser)
+    args = parser.parse_args()
+    depth_sweep(args, WORKER, lambda model: [str(model), str(args.samples), str(args.seqlen), str(model / "imatrix.gguf"),
+                                             str(args.threads)], {})
 
 
 if __name__ == "__main__":

@@ -5,9 +5,8 @@ truncated, a key of the wrong type) becomes one ``InputFileError`` naming the fi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from quantmill.errors import InputFileError
 
@@ -21,8 +20,7 @@ _INT_TYPES = frozenset({"UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "
 _FLOAT_TYPES = frozenset({"FLOAT32", "FLOAT64"})
 
 
-@dataclass(frozen=True)
-class GGUFTensorInfo:
+class GGUFTensorInfo(NamedTuple):
     """One tensor as stored: ``shape`` in row-major (numpy / PyTorch) order."""
 
     name: str

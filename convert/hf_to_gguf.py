@@ -19,14 +19,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 
-from quantmill.atomic import ensure_writable_dir
+from quantmill.atomic import ensure_writable_dir, temporary_next_to
 from quantmill.convert.arch import Architecture, HParams, resolve
 from quantmill.convert.arch.tensors import check_tensors
 from quantmill.convert.naming import ModelNaming, size_label
@@ -228,10 +227,7 @@ def _write_atomically(
 ) -> list[Path]:
     """Write every file into a staging directory next to ``final``, then rename them into place."""
     ensure_writable_dir(final.parent)
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
-    except OSError as exc:
-        raise OutputError(f"{final.parent}: cannot create a file here ({exc.strerror}); choose a writable location") from exc
+    staging = temporary_next_to(final, directory=True)
     try:
         writer.write_header_to_file(path=staging / final.name)
         writer.write_kv_data_to_file()

@@ -18,7 +18,7 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -268,12 +268,6 @@ class Checkpoint:
         entry = self.entries[name]
         row_bytes = entry.nbytes // max(1, prod(entry.shape[:-1]))
         self._owner[name].release(name, start * row_bytes, stop * row_bytes)
-
-    def iter_tensors(self) -> Iterator[tuple[TensorEntry, np.ndarray]]:
-        """Yield (entry, zero-copy view) one tensor at a time, releasing each after use."""
-        for name, entry in self.entries.items():
-            yield entry, self.array(name)
-            self.release(name)
 
     def close(self) -> None:
         for st in self.files:

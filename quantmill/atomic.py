@@ -6,19 +6,16 @@ file or directory is removed.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from quantmill.errors import OutputError
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+_serial = itertools.count()
+MAX_NAME_TRIES = 1000
 
 
 def ensure_writable_dir(directory: Path) -> None:
@@ -59,13 +56,25 @@ def _translated(final: Path) -> Iterator[None]:
         raise error from exc
 
 
-def _mkstemp(final: Path) -> Path:
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
-    except OSError as exc:
-        raise OutputError(f"{final.parent}: cannot create a file here ({exc.strerror}); choose a writable location") from exc
-    os.close(fd)
-    return Path(tmp_name)
+def temporary_next_to(final: Path, directory: bool = False) -> Path:
+    """A new, empty file (or directory) ``.NAME.PID-N.part`` next to ``final``, with the usual mode (umask applied).
+
+    Created exclusively (``O_EXCL``, ``mkdir``): an existing name, or a link under it, is never reused.
+    """
+    for _ in range(MAX_NAME_TRIES):
+        tmp = final.with_name(f".{final.name}.{os.getpid()}-{next(_serial)}.part")
+        try:
+            if directory:
+                tmp.mkdir(0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OutputError(f"{final.parent}: cannot create a {'directory' if directory else 'file'} here "
+                              f"({exc.strerror}); choose a writable location") from exc
+    raise OutputError(f"{final.parent}: {MAX_NAME_TRIES} temporary names next to {final.name} are taken; remove the .part files")
 
 
 @contextlib.contextmanager
@@ -73,8 +82,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it to ``final`` on success."""
     final = _final(final)
     ensure_writable_dir(final.parent)
-    tmp = _mkstemp(final)
-    tmp.chmod(0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual mode
+    tmp = temporary_next_to(final)
     try:
         with _translated(final):
             yield tmp
@@ -89,11 +97,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary directory next to ``final``; it replaces ``final`` on success."""
     final = _final(final)
     ensure_writable_dir(final.parent)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
-    except OSError as exc:
-        raise OutputError(f"{final.parent}: cannot create a directory here ({exc.strerror}); choose a writable location") from exc
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a finished directory gets the usual mode
+    tmp = temporary_next_to(final, directory=True)
     try:
         with _translated(final):
             yield tmp
@@ -101,7 +105,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
                 if not final.is_dir():
                     raise OutputError(f"{final}: is a file; give a directory path")
                 # move the old output aside first (one rename), so only quantmill's own temporary is removed
-                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+                old = temporary_next_to(final, directory=True)
                 os.replace(final, old / final.name)
                 os.replace(tmp, final)
                 shutil.rmtree(old, ignore_errors=True)

@@ -17,7 +17,6 @@ import sys
 import threading
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from quantmill.errors import ToolError
@@ -67,44 +66,54 @@ _GGML_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging
 _GGML_LEVEL_CONT = 5
 
 
-@dataclass
 class LibllamaLog:
     """Text libllama and ggml logged while a :func:`libllama_log` block was active.
 
-    ``on_line(text)`` is called for every line (the quantizer follows its per-tensor lines with it).
+    Lines are kept raw and sorted only when asked (libllama logs a line per tensor); ``on_line(text)`` is called
+    for each as it comes (the quantizer's progress bar follows the per-tensor lines with it).
     """
 
-    warnings: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    on_line: Callable[[str], None] | None = None
-    _level: int = logging.DEBUG
+    def __init__(self, on_line: Callable[[str], None] | None = None) -> None:
+        self.on_line = on_line
+        self.raw: list[tuple[int, bytes]] = []
 
-    def add(self, ggml_level: int, text: str) -> None:
-        level = self._level if ggml_level == _GGML_LEVEL_CONT else _GGML_LEVELS.get(ggml_level, logging.DEBUG)
-        self._level = level
+    def add(self, ggml_level: int, text: bytes) -> None:
+        self.raw.append((ggml_level, text))
         if self.on_line is not None:
-            self.on_line(text)
-        if level >= logging.ERROR:
-            self.errors.append(text)
-        elif level >= logging.WARNING:
-            self.warnings.append(text)
-        if text.strip():  # failures surface as exceptions; the log itself is detail
-            LOG.debug("%s", text.rstrip("\n"))
+            self.on_line(text.decode("utf-8", errors="replace"))
+
+    @property
+    def lines(self) -> list[tuple[int, str]]:
+        """(Python logging level, text) per line; a GGML_LOG_LEVEL_CONT line takes the previous one's level."""
+        out, level = [], logging.DEBUG
+        for ggml_level, text in self.raw:
+            level = level if ggml_level == _GGML_LEVEL_CONT else _GGML_LEVELS.get(ggml_level, logging.DEBUG)
+            out.append((level, text.decode("utf-8", errors="replace")))
+        return out
+
+    warnings = property(lambda self: [text for level, text in self.lines if level == logging.WARNING])
+    errors = property(lambda self: [text for level, text in self.lines if level >= logging.ERROR])
 
     def error_summary(self) -> str:
         lines = [ln.strip(" =\n") for ln in "".join(self.errors).splitlines()]
         return "; ".join(ln for ln in lines if ln) or "no message from libllama"
+
+    def to_logger(self) -> None:
+        """The block's lines to the ``quantmill.libllama`` logger, as debug detail (failures surface as exceptions)."""
+        if LOG.isEnabledFor(logging.DEBUG):
+            for _level, text in self.lines:
+                if text.strip():
+                    LOG.debug("%s", text.rstrip("\n"))
 
 
 _active_log: list[LibllamaLog] = []
 
 
 def _on_log(level: int, text: bytes | None, _user_data: ctypes.c_void_p) -> None:
-    message = (text or b"").decode("utf-8", errors="replace")
     if _active_log:
-        _active_log[-1].add(level, message)
-    elif message.strip():
-        LOG.debug("%s", message.rstrip("\n"))
+        _active_log[-1].add(level, text or b"")
+    elif text and text.strip():
+        LOG.debug("%s", text.decode("utf-8", errors="replace").rstrip("\n"))
 
 
 @functools.cache
@@ -130,3 +139,4 @@ def libllama_log(on_line: Callable[[str], None] | None = None) -> Iterator[Libll
         yield log
     finally:
         _active_log.remove(log)
+        log.to_logger()

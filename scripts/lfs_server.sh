@@ -9,24 +9,16 @@
 # LFS upload would fail with "401 User identity is required".
 # Prints the venv's python on stdout: `export QUANTMILL_GIFTLESS_PYTHON=$(bash scripts/lfs_server.sh)`.
 set -euo pipefail
-PYTHON=${PYTHON:-python3}
 VENV=${QUANTMILL_GIFTLESS_VENV:-$HOME/.cache/quantmill/giftless-venv}
 PINS="giftless==0.6.2 PyJWT==2.9.0 waitress==3.0.2 Flask==3.1.3 Werkzeug==3.1.9 Jinja2==3.1.6 MarkupSafe==3.0.4 \
 itsdangerous==2.2.0 click==8.5.1 blinker==1.9.0 Flask-Classful==0.16.0 flask-marshmallow==1.5.0 marshmallow==4.4.0 \
 webargs==8.7.1 figcan==0.0.4 PyYAML==6.0.4 python-dotenv==1.2.4 python-dateutil==4.0.0 typing_extensions==4.16.0 \
 packaging==26.4 cachetools==8.0.2 requests==2.34.2 urllib3==2.8.0 idna==3.20 certifi==2026.10.19.post1 \
 charset-normalizer==3.5.3 tzdata==2026.6"
-MARKER="$VENV/.quantmill-pins"
-if [ -x "$VENV/bin/python" ] && [ "$(cat "$MARKER" 2>/dev/null)" = "$PINS" ]; then
-    echo "$VENV/bin/python"
-    exit 0
-fi
-mkdir -p "$(dirname "$VENV")"
-rm -f "$MARKER"
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+source "$(dirname "$0")/pinned_venv.sh"
+pinned_venv "$VENV" "$PINS" && exit 0
 # shellcheck disable=SC2086
 "$VENV/bin/python" -m pip --disable-pip-version-check -q install $PINS >&2
 # (giftless.app, not giftless.wsgi_entrypoint: importing that one builds the app and its ./lfs-storage)
 "$VENV/bin/python" -c "import giftless.app, waitress, jwt; assert jwt.__version__ == '2.9.0'" >&2
-echo "$PINS" > "$MARKER"
-echo "$VENV/bin/python"
+pinned_venv_done "$VENV" "$PINS"

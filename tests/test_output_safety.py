@@ -471,3 +471,29 @@ def test_quantize_gguf_on_a_full_disk_blames_the_output(ws: Path) -> None:
     assert len(lines) == 1 and str(out) in lines[0] and "free space" in lines[0], lines
     assert "basic_ios" not in lines[0].split(";")[-1]
     assert snapshot(ws) == before
+
+
+def test_temporaries_are_exclusive_and_outputs_get_the_usual_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Temporaries are made with O_EXCL / mkdir: a name already taken, even by a planted link, is skipped and never
+    written through; finished files and directories get 0666 / 0777 less the umask, as any new file does."""
+    import itertools
+    import stat
+
+    from quantmill import atomic
+
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("untouched")
+    monkeypatch.setattr(atomic, "_serial", itertools.count(7))
+    (tmp_path / f".out.gguf.{os.getpid()}-7.part").symlink_to(target)
+    tmp = atomic.temporary_next_to(tmp_path / "out.gguf")
+    assert tmp.name == f".out.gguf.{os.getpid()}-8.part" and tmp.is_file() and not tmp.is_symlink()
+    assert target.read_text() == "untouched"
+    old = os.umask(0o027)
+    try:
+        atomic.write_text_atomic(tmp_path / "card.md", "x")
+        with atomic.atomic_dir(tmp_path / "branch") as staging:
+            (staging / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "card.md").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "branch").stat().st_mode) == 0o750

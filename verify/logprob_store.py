@@ -108,10 +108,6 @@ class LogProbStoreWriter:
         self._fh.write(encode_rows(chunk.logprobs).astype("<u2").tobytes())
         self._next += 1
 
-    @property
-    def complete(self) -> bool:
-        return self._next == self._plan.n_chunks
-
 
 class LogProbStore:
     """A finished store, memory-mapped; ``chunk(i)`` decodes one chunk's rows."""
@@ -204,11 +200,6 @@ class StoreSink:
 def write_sidecar(store: Path, key: StoreKey, reference_figures: dict[str, float], extra: dict[str, Any]) -> None:
     payload = {"key": asdict(key), "reference_metrics": reference_figures, **extra}
     write_text_atomic(sidecar_path(store), json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-
-def store_size_bytes(n_ctx: int, n_chunks: int, n_vocab: int) -> int:
-    """Bytes a store for this evaluation takes on disk."""
-    return _header_size(n_ctx, n_chunks) + 2 * row_width(n_vocab) * (n_ctx - 1 - n_ctx // 2) * n_chunks
 
 
 def remove_store(store: Path) -> None:

@@ -187,10 +187,6 @@ class ChunkPlan:
         return self.n_ctx - self.first - 1
 
     @property
-    def n_scored_total(self) -> int:
-        return self.n_scored * self.n_chunks
-
-    @property
     def n_evaluated(self) -> int:
         """Tokens a backend runs through the model."""
         return self.n_ctx * self.n_chunks

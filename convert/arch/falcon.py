@@ -96,11 +96,7 @@ def falcon_config(config: dict[str, Any], config_path: Path) -> dict[str, Any]:
     if config.get("model_type") in REFINEDWEB_TYPES:
         config = refinedweb_to_falcon(config, config_path)
     hp: HParams = {**FALCON_DEFAULTS, **config}
-    check_fields(hp, config_path)
-    for key in REQUIRED_INT_FIELDS:
-        value = hp.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise InputFileError(config_path, f"field {key!r} is {value!r}, expected a positive integer", "fix config.json")
+    check_fields(hp, config_path, REQUIRED_INT_FIELDS)
     if hp.get("num_kv_heads") is None:
         hp["num_kv_heads"] = hp["num_attention_heads"]
     if hp.get("ffn_hidden_size") is None:

@@ -88,12 +88,17 @@ def _refuse(config_path: Path, field: str, value: Any, wanted: str) -> InputFile
     return InputFileError(config_path, f"field {field!r} is {shown[:60]}{'…' if len(shown) > 60 else ''}, {wanted}", FIX)
 
 
-def check_fields(config: Mapping[str, Any], config_path: Path) -> None:
-    """Refuse a present, non-null config field of the wrong type or out of range, naming it."""
+def check_fields(config: Mapping[str, Any], config_path: Path, required: tuple[str, ...] = ()) -> None:
+    """Refuse a present, non-null config field of the wrong type or out of range, naming it, and a ``required``
+    field that is not a positive integer."""
     for field, rule in FIELD_RULES.items():
         value = config.get(field)
         if value is not None and (problem := rule.problem(value)) is not None:
             raise _refuse(config_path, field, value, problem)
+    for field in required:
+        value = config.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise _refuse(config_path, field, value, "expected a positive integer")
     for key in ("rope_scaling", "rope_parameters"):
         value = config.get(key)
         if value is not None and not isinstance(value, dict):

@@ -169,11 +169,7 @@ class LlamaArchitecture(Architecture):
         model_type = config.get("model_type")
         known = model_type in TRANSFORMERS_DEFAULTS
         hp: HParams = {**TRANSFORMERS_DEFAULTS.get(str(model_type), {}), **config}
-        check_fields(hp, config_path)
-        for key in REQUIRED_INT_FIELDS:
-            value = hp.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise InputFileError(config_path, f"field {key!r} is {value!r}, expected a positive integer", "fix config.json")
+        check_fields(hp, config_path, REQUIRED_INT_FIELDS)
         if known and "num_key_value_heads" not in config:
             hp["num_key_value_heads"] = DEFAULT_KV_HEADS[str(model_type)] or hp["num_attention_heads"]
         if known and hp.get("num_key_value_heads") is None:

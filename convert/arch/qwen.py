@@ -107,11 +107,7 @@ class Qwen2Architecture(Architecture):
 
     def read_hparams(self, config: dict[str, Any], config_path: Path) -> HParams:
         hp: HParams = {**self.defaults, **config}
-        check_fields(hp, config_path)
-        for key in REQUIRED_INT_FIELDS:
-            value = hp.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise InputFileError(config_path, f"field {key!r} is {value!r}, expected a positive integer", "fix config.json")
+        check_fields(hp, config_path, REQUIRED_INT_FIELDS)
         n_head = hp["num_attention_heads"]
         if hp.get("num_key_value_heads") is None:
             hp["num_key_value_heads"] = n_head

@@ -10,17 +10,16 @@ import ctypes
 import functools
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 from quantmill.convert.gguf_reader import check_gguf_magic
 from quantmill.errors import InputFileError
 from quantmill.llama_lib import c_function, libllama_log
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
     """One tensor as stored: name, ggml type name, shape (ggml order: row length first)."""
 
     name: str
@@ -34,8 +33,7 @@ class TensorInfo:
         return self.shape[0] if self.shape else 1
 
 
-@dataclass(frozen=True)
-class TypeTotals:
+class TypeTotals(NamedTuple):
     """All tensors of one ggml type."""
 
     type_name: str
@@ -48,8 +46,7 @@ class TypeTotals:
         return 8.0 * self.n_bytes / self.n_elements if self.n_elements else 0.0
 
 
-@dataclass(frozen=True)
-class GGUFSummary:
+class GGUFSummary(NamedTuple):
     """A GGUF file's tensors and sizes. ``bpw`` counts tensor data only, as llama.cpp's
     "model size ... (N BPW)" line does; ``file_size`` includes metadata and padding."""
 
@@ -57,7 +54,7 @@ class GGUFSummary:
     file_size: int
     file_type: int | None
     tensors: tuple[TensorInfo, ...]
-    by_type: dict[str, TypeTotals] = field(default_factory=dict)
+    by_type: dict[str, TypeTotals]
     architecture: str = ""  # general.architecture
     keys: tuple[str, ...] = ()  # every metadata key, in file order
 

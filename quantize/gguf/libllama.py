@@ -13,11 +13,11 @@ import contextlib
 import ctypes
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from quantmill.atomic import atomic_file
 from quantmill.errors import InputFileError, OutputError, ToolError, UnsupportedError, UserInputError
@@ -43,8 +43,7 @@ _INVALID_DATA_RE = re.compile(r"tensor '(?P<name>[^']+)' has invalid data")
 # --------------------------------------------------------------------------- requests
 
 
-@dataclass(frozen=True)
-class TensorOverride:
+class TensorOverride(NamedTuple):
     """``REGEX=TYPE``: tensors whose name matches REGEX (searched, as libllama does) get TYPE."""
 
     pattern: str
@@ -62,8 +61,7 @@ class TensorOverride:
         return cls(pattern, parse_tensor_type(type_name))
 
 
-@dataclass(frozen=True)
-class Fallback:
+class Fallback(NamedTuple):
     """A tensor libllama gave another type than the mix asked for, because of its row length."""
 
     tensor: str
@@ -72,8 +70,7 @@ class Fallback:
     used: str
 
 
-@dataclass(frozen=True)
-class QuantizeResult:
+class QuantizeResult(NamedTuple):
     output: Path
     file_type: GGUFFileType
     summary: GGUFSummary
@@ -107,6 +104,10 @@ def check_tensor_sizes(summary: GGUFSummary) -> None:
                                  "re-create the GGUF from a complete checkpoint")
 
 
+def _import_arch_records() -> None:
+    import quantmill.convert.arch  # noqa: F401  (loaded for GGUFSummary.require)
+
+
 def _check_request(source: Path, output: Path, file_type: GGUFFileType, overrides: Sequence[TensorOverride],
                    allow_requantize: bool, imatrix: str | Path | None) -> GGUFSummary:
     """Refuse a request libllama would abort on or get wrong; return the source's summary (read once)."""
@@ -124,7 +125,10 @@ def _check_request(source: Path, output: Path, file_type: GGUFFileType, override
         if override.tensor_type.name in IMATRIX_TENSOR_TYPES and imatrix is None:
             raise UnsupportedError(f"--override-tensor {override.pattern}={override.tensor_type.name}: this tensor type "
                                    "needs an importance matrix; choose another type")
+    records = threading.Thread(target=_import_arch_records, daemon=True)
+    records.start()  # imports while ggml reads the file (a C call, which releases the GIL): the two overlap
     summary = summarize_gguf(source)
+    records.join()
     summary.require("gguf-quantize")
     names = [t.name for t in summary.tensors]
     for override in overrides:

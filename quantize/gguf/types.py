@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from quantmill.errors import UnsupportedError, UserInputError
 from quantmill.llama_lib import binding, c_function
 
 
-@dataclass(frozen=True)
-class GGMLType:
+class GGMLType(NamedTuple):
     """One ggml tensor type, as libggml describes it."""
 
     name: str  # upper case, as gguf-py and llama-quantize write it: Q4_K, F16, IQ2_XXS
@@ -49,8 +48,7 @@ def ggml_type(name: str) -> GGMLType:
     return ggml_types()[name]
 
 
-@dataclass(frozen=True)
-class GGUFFileType:
+class GGUFFileType(NamedTuple):
     """One row of the table: a name users type and what libllama makes of it."""
 
     name: str

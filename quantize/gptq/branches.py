@@ -30,7 +30,6 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)  # -1: one group over the whole input dimension
 DEFAULT_DAMP_PERCENT = 0.01
 DEFAULT_BLOCK_SIZE = 128
-MAIN_BRANCH = "main"
 
 # flag word in a spec -> (field, value); the spec grammar is: BITS GROUP FLAG*
 FLAG_WORDS: dict[str, tuple[str, bool]] = {

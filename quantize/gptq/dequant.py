@@ -91,46 +91,40 @@ def read_packed(ckpt: Checkpoint, prefix: str, bits: int) -> PackedLinear:
 def dequantized_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray]]:
     """(name, float32 array) of the plain model: packed linears as ``<prefix>.weight``, the rest widened."""
     from quantmill.convert.safetensors_io import Checkpoint, to_float32
+    from quantmill.quantize.gptq.compressed_tensors import TENSOR_SUFFIXES as CT_SUFFIXES
 
     qconfig = read_gptq_config(directory)
     bits = int(qconfig["bits"])
-    if qconfig.get("checkpoint_format") == "compressed-tensors":
-        yield from _compressed_tensors_dequantized(Path(directory), bits, bool(qconfig["sym"]))
-        return
+    compressed = qconfig.get("checkpoint_format") == "compressed-tensors"
     with Checkpoint(Path(directory)) as ckpt:
-        prefixes = quantized_prefixes(ckpt)
-        packed_names = {f"{p}.{s}" for p in prefixes for s in TENSOR_SUFFIXES}
+        if compressed:
+            prefixes = sorted(n.removesuffix(".weight_packed") for n in ckpt.entries if n.endswith(".weight_packed"))
+        else:
+            prefixes = quantized_prefixes(ckpt)
+        stored = {f"{p}.{s}" for p in prefixes for s in (CT_SUFFIXES if compressed else TENSOR_SUFFIXES)}
         for prefix in prefixes:
-            yield f"{prefix}.weight", dequantize_linear(read_packed(ckpt, prefix, bits))
-        for name, entry in ckpt.entries.items():
-            if name not in packed_names:
-                yield name, np.array(to_float32(ckpt.array(name), entry.dtype))
-                ckpt.release(name)
-
-
-def _compressed_tensors_dequantized(directory: Path, bits: int, sym: bool) -> Iterator[tuple[str, np.ndarray]]:
-    from quantmill.convert.safetensors_io import Checkpoint, to_float32
-    from quantmill.quantize.gptq.compressed_tensors import TENSOR_SUFFIXES as CT_SUFFIXES
-    from quantmill.quantize.gptq.compressed_tensors import CompressedLinear, dequantize_compressed
-
-    with Checkpoint(directory) as ckpt:
-        prefixes = sorted(n.removesuffix(".weight_packed") for n in ckpt.entries if n.endswith(".weight_packed"))
-        stored = {f"{p}.{s}" for p in prefixes for s in CT_SUFFIXES}
-        for prefix in prefixes:
-            arrays: dict[str, np.ndarray | None] = {}
-            for suffix in CT_SUFFIXES:
-                name = f"{prefix}.{suffix}"
-                arrays[suffix] = np.array(ckpt.array(name)) if name in ckpt else None
-                if name in ckpt:
-                    ckpt.release(name)
-            if arrays["weight_scale"] is None or arrays["weight_shape"] is None:
-                raise InputFileError(directory, f"quantized module {prefix} lacks weight_scale or weight_shape", _FIX)
-            linear = CompressedLinear(bits=bits, **arrays)  # type: ignore[arg-type]
-            yield f"{prefix}.weight", dequantize_compressed(linear, sym)
+            weight = (_compressed_weight(ckpt, prefix, bits, bool(qconfig["sym"])) if compressed
+                      else dequantize_linear(read_packed(ckpt, prefix, bits)))
+            yield f"{prefix}.weight", weight
         for name, entry in ckpt.entries.items():
             if name not in stored:
                 yield name, np.array(to_float32(ckpt.array(name), entry.dtype))
                 ckpt.release(name)
+
+
+def _compressed_weight(ckpt: Checkpoint, prefix: str, bits: int, sym: bool) -> np.ndarray:
+    from quantmill.quantize.gptq.compressed_tensors import TENSOR_SUFFIXES as CT_SUFFIXES
+    from quantmill.quantize.gptq.compressed_tensors import CompressedLinear, dequantize_compressed
+
+    arrays: dict[str, np.ndarray | None] = {}
+    for suffix in CT_SUFFIXES:
+        name = f"{prefix}.{suffix}"
+        arrays[suffix] = np.array(ckpt.array(name)) if name in ckpt else None
+        if name in ckpt:
+            ckpt.release(name)
+    if arrays["weight_scale"] is None or arrays["weight_shape"] is None:
+        raise InputFileError(ckpt.model_dir, f"quantized module {prefix} lacks weight_scale or weight_shape", _FIX)
+    return dequantize_compressed(CompressedLinear(bits=bits, **arrays), sym)  # type: ignore[arg-type]
 
 
 def plain_config(directory: Path) -> Any:

@@ -17,7 +17,7 @@ names its flow (``flow`` and, for the pre-norm walk, its ``pre_norm`` layout); t
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -45,6 +45,16 @@ def _new_hessian(width: int, device: torch.device) -> Hessian:
     from quantmill.quantize.gptq.hessian import BlockedHessian
 
     return BlockedHessian.create(width, device)
+
+
+def hessian_of(inputs: Iterable[torch.Tensor]) -> Hessian:
+    """XᵀX over a sequence of input batches (the inputs of one linear, or of linears sharing them), in order."""
+    hessian: Hessian | None = None
+    for x in inputs:
+        hessian = hessian or _new_hessian(x.shape[-1], x.device)
+        _add(hessian, x)
+    assert hessian is not None
+    return hessian
 
 
 def _add(hessian: Hessian, x: torch.Tensor) -> None:
@@ -156,9 +166,7 @@ class PreNormFlow:
         mlp_norm, mlp, mlp_out = (layer.get_submodule(n) for n in (lay.mlp_norm, lay.mlp, lay.mlp_out))
         batches = _batches(hidden, runner)
         with torch.inference_mode():
-            h_in = _new_hessian(hidden.shape[-1], hidden.device)
-            for rows in batches:
-                _add(h_in, attn_norm(hidden[rows]))
+            h_in = hessian_of(attn_norm(hidden[rows]) for rows in batches)
         quantize(lay.attn_in, dict.fromkeys(lay.attn_in, h_in))
         del h_in
         with torch.inference_mode():
@@ -168,18 +176,14 @@ class PreNormFlow:
                     position_embeddings=runner.position_embeddings(r.stop - r.start)), rows))
                 for rows in batches
             ]
-            h_out = _new_hessian(attn_inputs[0].shape[-1], hidden.device)
-            for x in attn_inputs:
-                _add(h_out, x)
+            h_out = hessian_of(attn_inputs)
         quantize((lay.attn_out,), {lay.attn_out: h_out})
         del h_out
         with torch.inference_mode():
             for rows, x in zip(batches, attn_inputs, strict=True):
                 hidden[rows] += attn_out(x)  # h' = h + attn(norm1(h)), with the quantized o_proj
             del attn_inputs
-            h_mlp = _new_hessian(hidden.shape[-1], hidden.device)
-            for rows in batches:
-                _add(h_mlp, mlp_norm(hidden[rows]))
+            h_mlp = hessian_of(mlp_norm(hidden[rows]) for rows in batches)
         quantize(lay.mlp_in, dict.fromkeys(lay.mlp_in, h_mlp))
         del h_mlp
         keep = hidden[..., :1].numel() * cast("nn.Linear", mlp_out).in_features * hidden.element_size() <= KEEP_BYTES

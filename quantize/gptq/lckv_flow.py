@@ -15,28 +15,17 @@ copy of the stream), then the quantized layer advances the stream.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
 import torch
 
 from quantmill.convert.lckv.model import KvStore, LckvDecoderLayer, LckvForCausalLM
-from quantmill.quantize.gptq.flows import QuantizeGroup, _add, _batches, _new_hessian
+from quantmill.quantize.gptq.flows import QuantizeGroup, _batches, hessian_of
 from quantmill.quantize.gptq.packing import check_packable
 
 if TYPE_CHECKING:
-    from quantmill.quantize.gptq.hessian import BlockedHessian as Hessian
     from quantmill.quantize.layerwise import LayerwiseRunner
-
-
-def _hessian(inputs: Iterable[torch.Tensor]) -> Hessian:
-    """XᵀX over a sequence of input batches (the inputs of one linear, or of linears sharing them)."""
-    hessian: Hessian | None = None
-    for x in inputs:
-        hessian = hessian or _new_hessian(x.shape[-1], x.device)
-        _add(hessian, x)
-    assert hessian is not None
-    return hessian
 
 
 class LckvFlow:
@@ -88,7 +77,7 @@ class LckvFlow:
         attn, mlp = layer.self_attn, layer.mlp
         attn_in = ("self_attn.q_proj", *(("self_attn.k_proj", "self_attn.v_proj") if layer.computes_kv else ()))
         with torch.inference_mode():
-            h_in = _hessian(layer.input_layernorm(hidden[rows]) for rows in batches)
+            h_in = hessian_of(layer.input_layernorm(hidden[rows]) for rows in batches)
         quantize(attn_in, dict.fromkeys(attn_in, h_in))
         del h_in
         with torch.inference_mode():
@@ -99,14 +88,14 @@ class LckvFlow:
             keys, values = source[layer.source]
             attn_inputs = [layer.attention_output(q, (keys[rows], values[rows]), positions) for (q, _), rows in zip(projected, batches, strict=True)]
             del projected
-            h_out = _hessian(attn_inputs)
+            h_out = hessian_of(attn_inputs)
         quantize(("self_attn.o_proj",), {"self_attn.o_proj": h_out})
         del h_out
         with torch.inference_mode():
             for rows, x in zip(batches, attn_inputs, strict=True):
                 hidden[rows] += attn.o_proj(x)
             del attn_inputs
-            h_mlp = _hessian(layer.post_attention_layernorm(hidden[rows]) for rows in batches)
+            h_mlp = hessian_of(layer.post_attention_layernorm(hidden[rows]) for rows in batches)
         quantize(("mlp.gate_proj", "mlp.up_proj"), dict.fromkeys(("mlp.gate_proj", "mlp.up_proj"), h_mlp))
         del h_mlp
         with torch.inference_mode():
@@ -114,7 +103,7 @@ class LckvFlow:
             for rows in batches:
                 x = layer.post_attention_layernorm(hidden[rows])
                 inner.append(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-            h_down = _hessian(inner)
+            h_down = hessian_of(inner)
         quantize(("mlp.down_proj",), {"mlp.down_proj": h_down})
         del h_down
         with torch.inference_mode():

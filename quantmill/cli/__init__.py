@@ -31,6 +31,7 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    gc.freeze()  # what the imports made lives as long as the process: collections need not walk it again
     try:
         cli.main(args=argv, prog_name="quantmill", standalone_mode=False)
     except QuantmillError as exc:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import tempfile
 from pathlib import Path
 
-from quantmill.atomic import ensure_writable_dir
+from quantmill.atomic import ensure_writable_dir, temporary_next_to
 from quantmill.errors import UserInputError
 from quantmill.pipeline.plan import sha256_file
 
@@ -42,7 +41,7 @@ def split_gguf(path: Path, out_root: Path, max_bytes: int) -> list[Path]:
                              sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
     for tensor in reader.tensors:
         writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".part", dir=out_root))
+    staging = temporary_next_to(final, directory=True)
     try:
         writer.write_header_to_file(path=staging / path.name)
         writer.write_kv_data_to_file()

@@ -10,14 +10,14 @@ every backend.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Self
 
 import numpy as np
 
-from quantmill.errors import UnsupportedError
+from quantmill.errors import UnsupportedError, UserInputError
 from quantmill.verify.tokens import ChunkPlan
 
 # llama-perplexity's default logical batch: it evaluates 2048 // n_ctx chunks per decode call.
@@ -75,20 +75,43 @@ class ChunkLogProbs:
     targets: np.ndarray  # int32 [n_scored]
 
 
-class LogProbBackend(Protocol):
+class LogProbBackend:
     """One loaded artifact. Use as a context manager; ``close`` frees the model."""
 
+    path: Path
     info: ArtifactInfo
 
-    def iter_logprobs(self, plan: ChunkPlan) -> Iterator[ChunkLogProbs]: ...
+    def iter_logprobs(self, plan: ChunkPlan) -> Iterator[ChunkLogProbs]:
+        raise NotImplementedError
 
-    def check_vocabulary(self, plan: ChunkPlan, id_to_token: dict[int, str]) -> None: ...
+    def check_vocabulary(self, plan: ChunkPlan, id_to_token: dict[int, str]) -> None:
+        raise NotImplementedError
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        raise NotImplementedError
 
-    def __enter__(self) -> LogProbBackend: ...
+    def __enter__(self) -> Self:
+        return self
 
-    def __exit__(self, *exc: object) -> None: ...
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_token_ids(self, plan: ChunkPlan, id_to_token: dict[int, str], rows: str,
+                         texts: tuple[Path, Callable[[int], str | None]] | None) -> None:
+        """Every id the plan uses fits this artifact's ``rows`` ("output layer has {} rows") and, where it has token texts (``texts``: the
+        file they come from, id → text), names the same token as the reference tokenizer."""
+        used = plan.used_token_ids()
+        if used.size and int(used[-1]) >= self.info.n_vocab:
+            raise UserInputError(f"{self.path}: {rows.format(self.info.n_vocab)} but the reference tokenizer produced id "
+                                 f"{int(used[-1])}; evaluate artifacts made from the reference model")
+        if texts is None:
+            return
+        source, text_of = texts
+        bad = [(i, id_to_token[i], got) for i in map(int, used) if i in id_to_token and (got := text_of(i)) != id_to_token[i]]
+        if bad:
+            token_id, ref, got = bad[0]
+            raise UserInputError(f"{source}: vocabulary differs from the reference tokenizer on {len(bad)} used ids "
+                                 f"(id {token_id}: {ref!r} vs {got!r}); evaluate artifacts made from the reference model")
 
 
 def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
@@ -98,14 +121,3 @@ def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
     log_norm = np.log(np.exp(out).sum(axis=-1, keepdims=True, dtype=np.float64))
     out -= log_norm.astype(np.float32)
     return out
-
-
-def vocabulary_mismatches(
-    used_ids: np.ndarray, reference: dict[int, str], artifact: dict[int, str | None]
-) -> list[tuple[int, str, str | None]]:
-    """(id, reference token, artifact token) for every used id whose token text differs."""
-    return [
-        (int(i), reference[int(i)], artifact.get(int(i)))
-        for i in used_ids
-        if int(i) in reference and artifact.get(int(i)) != reference[int(i)]
-    ]

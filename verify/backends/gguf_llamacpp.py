@@ -15,15 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from quantmill.errors import InputFileError, ToolError, UserInputError
+from quantmill.errors import InputFileError, ToolError
 from quantmill.llama_lib import binding, libllama_log
 from quantmill.quantize.gguf.inspect import GGUFSummary, summarize_gguf
 from quantmill.verify.backends.base import (
     ArtifactInfo,
     BackendOptions,
     ChunkLogProbs,
+    LogProbBackend,
     log_softmax_rows,
-    vocabulary_mismatches,
 )
 from quantmill.verify.tokens import ChunkPlan
 
@@ -43,7 +43,7 @@ FLASH_ATTN_AUTO = -1  # LLAMA_FLASH_ATTN_TYPE_AUTO
 DEFAULT_UBATCH = 512  # llama.cpp's default physical batch
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(LogProbBackend):
     """A GGUF model loaded in libllama; contexts are made per plan (they depend on n_ctx)."""
 
     def __init__(self, path: Path, options: BackendOptions) -> None:
@@ -70,30 +70,11 @@ class LlamaCppBackend:
             self._llama.llama_model_free(self._model)
             self._model = None
 
-    def __enter__(self) -> LlamaCppBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # ----------------------------------------------------------------- checks
 
     def check_vocabulary(self, plan: ChunkPlan, id_to_token: dict[int, str]) -> None:
         """Every token id the plan uses must name the same token text in this GGUF."""
-        used = plan.used_token_ids()
-        if used.size and int(used[-1]) >= self.info.n_vocab:
-            raise UserInputError(
-                f"{self.path}: vocabulary has {self.info.n_vocab} tokens but the reference tokenizer produced id "
-                f"{int(used[-1])}; evaluate artifacts made from the reference model"
-            )
-        mine = {int(i): self._token_text(int(i)) for i in used}
-        bad = vocabulary_mismatches(used, id_to_token, mine)
-        if bad:
-            token_id, ref, got = bad[0]
-            raise UserInputError(
-                f"{self.path}: vocabulary differs from the reference tokenizer on {len(bad)} used ids "
-                f"(id {token_id}: {ref!r} vs {got!r}); evaluate artifacts made from the reference model"
-            )
+        self._check_token_ids(plan, id_to_token, "vocabulary has {} tokens", (self.path, self._token_text))
 
     def own_tokens(self, text: str) -> np.ndarray:
         """``text`` tokenized by this GGUF's own tokenizer, as llama-perplexity does (special tokens added, BOS per the file)."""

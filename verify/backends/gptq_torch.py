@@ -7,8 +7,8 @@ weights themselves, with exactly the same forward code as the fp16 reference.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from quantmill.verify.backends.base import ArtifactInfo, BackendOptions
 from quantmill.verify.backends.hf_torch import TorchBackend
 
 FORMAT = "gptq"
@@ -24,17 +24,10 @@ def is_gptq_checkpoint(path: Path) -> bool:
 class GptqTorchBackend(TorchBackend):
     """A GPTQ branch directory, dequantized to float32 on the CPU."""
 
-    def __init__(self, path: Path, options: BackendOptions) -> None:
-        import torch
+    format = FORMAT
 
+    def _load(self) -> tuple[Any, int, float, str]:
         from quantmill.quantize.gptq.dequant import gptq_size_figures, load_dequantized_model, read_gptq_config
 
-        self.path = Path(path)
-        self.options = options
-        self._torch = torch
-        self._config = self._read_config()
-        qconfig = read_gptq_config(self.path)
         size, bpw, _weights = gptq_size_figures(self.path)
-        self._model = load_dequantized_model(self.path)
-        n_vocab = int(self._model.get_output_embeddings().weight.shape[0])
-        self.info = ArtifactInfo(self.path, FORMAT, size, bpw, n_vocab, f"GPTQ-{qconfig['bits']}bit")
+        return load_dequantized_model(self.path), size, bpw, f"GPTQ-{read_gptq_config(self.path)['bits']}bit"

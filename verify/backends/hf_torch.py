@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 
 from quantmill.convert.safetensors_io import tensor_entries
-from quantmill.errors import InputFileError, UserInputError
+from quantmill.errors import InputFileError
 from quantmill.jsonio import read_json_object
 from quantmill.verify.backends.base import (
     ArtifactInfo,
     BackendOptions,
     ChunkLogProbs,
-    vocabulary_mismatches,
+    LogProbBackend,
 )
 from quantmill.verify.tokens import ChunkPlan
 
@@ -63,8 +63,10 @@ def float_type_name(config: dict[str, Any], bpw: float) -> str:
     return names.get(declared, "F32" if bpw > 24 else "F16")
 
 
-class TorchBackend:
+class TorchBackend(LogProbBackend):
     """An HF causal LM loaded in float32 on the CPU."""
+
+    format = "hf"
 
     def __init__(self, path: Path, options: BackendOptions) -> None:
         import torch
@@ -73,12 +75,16 @@ class TorchBackend:
         self.options = options
         self._torch = torch
         self._config = self._read_config()
-        size, bits, elements = safetensors_sizes(self.path)
-        self._model = _load_model(self.path, self._config)
+        self._model, size, bpw, quant_type = self._load()
         self._model.eval()
         n_vocab = int(self._model.get_output_embeddings().weight.shape[0])
+        self.info = ArtifactInfo(self.path, self.format, size, bpw, n_vocab, quant_type)
+
+    def _load(self) -> tuple[Any, int, float, str]:
+        """The model (called as ``model(input_ids=…).logits``), bytes on disk, bits per weight, quant type name."""
+        size, bits, elements = safetensors_sizes(self.path)
         bpw = bits / elements if elements else 0.0
-        self.info = ArtifactInfo(self.path, "hf", size, bpw, n_vocab, float_type_name(self._config, bpw))
+        return _load_model(self.path, self._config), size, bpw, float_type_name(self._config, bpw)
 
     def _read_config(self) -> dict[str, Any]:
         return read_json_object(self.path / "config.json", "re-create the checkpoint")
@@ -86,33 +92,15 @@ class TorchBackend:
     def close(self) -> None:
         self._model = None
 
-    def __enter__(self) -> TorchBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def check_vocabulary(self, plan: ChunkPlan, id_to_token: dict[int, str]) -> None:
         """Ids must fit the output layer; if the checkpoint has its own tokenizer.json, its token texts must agree."""
-        used = plan.used_token_ids()
-        if used.size and int(used[-1]) >= self.info.n_vocab:
-            raise UserInputError(
-                f"{self.path}: output layer has {self.info.n_vocab} rows but the reference tokenizer produced id "
-                f"{int(used[-1])}; evaluate artifacts made from the reference model"
-            )
         tokenizer_path = self.path / "tokenizer.json"
-        if not tokenizer_path.is_file():
-            return
-        from tokenizers import Tokenizer
+        texts = None
+        if tokenizer_path.is_file():
+            from tokenizers import Tokenizer
 
-        mine = Tokenizer.from_file(str(tokenizer_path))
-        bad = vocabulary_mismatches(used, id_to_token, {int(i): mine.id_to_token(int(i)) for i in used})
-        if bad:
-            token_id, ref, got = bad[0]
-            raise UserInputError(
-                f"{tokenizer_path}: differs from the reference tokenizer on {len(bad)} used ids "
-                f"(id {token_id}: {ref!r} vs {got!r}); evaluate artifacts made from the reference model"
-            )
+            texts = (tokenizer_path, Tokenizer.from_file(str(tokenizer_path)).id_to_token)
+        self._check_token_ids(plan, id_to_token, "output layer has {} rows", texts)
 
     def iter_logprobs(self, plan: ChunkPlan) -> Iterator[ChunkLogProbs]:
         torch = self._torch

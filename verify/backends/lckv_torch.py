@@ -11,7 +11,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from quantmill.verify.backends.base import ArtifactInfo, BackendOptions
 from quantmill.verify.backends.hf_torch import TorchBackend, float_type_name, safetensors_sizes
 
 FORMAT = "lckv"
@@ -53,16 +52,12 @@ class _LogitsOnly:
 class LckvTorchBackend(TorchBackend):
     """An LCKV checkpoint directory (float, or a GPTQ branch dequantized to float32) on the CPU."""
 
-    def __init__(self, path: Path, options: BackendOptions) -> None:
-        import torch
+    format = FORMAT
 
+    def _load(self) -> tuple[Any, int, float, str]:
         from quantmill.convert.lckv.model import LckvForCausalLM
         from quantmill.quantize.gptq.dequant import dequantized_tensors, gptq_size_figures, is_gptq_checkpoint, read_gptq_config
 
-        self.path = Path(path)
-        self.options = options
-        self._torch = torch
-        self._config = self._read_config()
         if is_gptq_checkpoint(self.path):
             size, bpw, _weights = gptq_size_figures(self.path)
             quant_type = f"GPTQ-{read_gptq_config(self.path)['bits']}bit"
@@ -72,8 +67,7 @@ class LckvTorchBackend(TorchBackend):
             bpw = bits / elements if elements else 0.0
             quant_type = float_type_name(self._config, bpw)
             model = LckvForCausalLM.from_checkpoint(self.path)
-        self._model = _LogitsOnly(model)
-        self.info = ArtifactInfo(self.path, FORMAT, size, bpw, int(model.lm_head.weight.shape[0]), quant_type)
+        return _LogitsOnly(model), size, bpw, quant_type
 
     def _read_config(self) -> dict[str, Any]:
         """config.json as data; its ``auto_map`` names the LCKV code, which is never imported."""
