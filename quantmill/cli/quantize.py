@@ -58,9 +58,13 @@ def quantize_gguf(model: Path, type_name: str, output: Path | None, overrides: t
         f"{summary.bpw:.3f} bpw, {result.seconds:.1f} s)"
     )
     click.echo(format_summary(summary))
-    if result.fallbacks:  # one write for all the lines
+    if result.fallbacks:  # one line per (wanted, used, row length) rather than per tensor (180 on SmolLM2)
+        groups: dict[tuple[str, str, int], list[str]] = {}
+        for fb in result.fallbacks:
+            groups.setdefault((fb.wanted, fb.used, fb.row_length), []).append(fb.tensor)
         click.echo("\n".join([f"{len(result.fallbacks)} tensor(s) fell back: rows not a multiple of the block size:",
-                              *(f"  {fb.tensor}: row length {fb.row_length}, {fb.wanted} -> {fb.used}" for fb in result.fallbacks)]))
+                              *(f"  {len(names)} x {wanted} -> {used} (row length {row}), e.g. {names[0]}"
+                                for (wanted, used, row), names in sorted(groups.items()))]))
 
 
 @quantize.command("gptq")

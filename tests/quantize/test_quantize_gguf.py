@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -113,11 +114,15 @@ def test_q4_k_m_fallbacks_are_legacy_types(f32_gguf: Path, tmp_path: Path) -> No
     assert 4.5 < result.summary.bpw < 6.0
 
 
-def test_override_tensor(f32_gguf: Path, tmp_path: Path) -> None:
+def test_override_tensor(f32_gguf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "over.gguf"
     code = main(["quantize", "gguf", str(f32_gguf), "--type", "Q4_K_S", "--out", str(out),
                  "--override-tensor", r"attn_v\.weight=q8_0", "--override-tensor", "ffn_gate=Q6_K", "--threads", "2"])
     assert code == 0
+    # the two ffn_down tensors (rows not a multiple of 256) fell back: one grouped line, not one per tensor
+    report = capsys.readouterr().out.splitlines()
+    start = report.index("2 tensor(s) fell back: rows not a multiple of the block size:")
+    assert len(report) == start + 2 and re.fullmatch(r"  2 x Q4_K -> \w+ \(row length \d+\), e\.g\. blk\.0\.ffn_down\.weight", report[-1])
     types = summarize_gguf(out).tensor_types()
     assert types["blk.0.attn_v.weight"] == types["blk.1.attn_v.weight"] == "Q8_0"
     assert types["blk.0.ffn_gate.weight"] == "Q6_K"
