@@ -33,9 +33,23 @@ class GptqBranchInfo:
     seqlen: int
     size_bytes: int
     format: str = "gptq"  # checkpoint layout: gptq (v1) or compressed-tensors
+    sym: bool = True
+
+    def clients(self, model_type: str | None) -> list[str]:
+        """Runtimes whose documented support covers this branch's format, bit width and symmetry."""
+        from quantmill.convert.arch.llama import LlamaArchitecture
+
+        if self.format == "compressed-tensors":
+            return ["transformers + compressed-tensors", "vLLM"]
+        four_bit = self.bits == 4 and self.sym
+        return ["transformers + GPTQModel", *(["vLLM"] if self.sym else []), *(["TGI"] if four_bit else []),
+                *(["ExLlama"] if four_bit and model_type in LlamaArchitecture.model_types else [])]
 
 
 FORMAT_LABELS = {"gptq": "GPTQ (v1)", "compressed-tensors": "compressed-tensors"}
+# llama.cpp's pull request that taught it a pre-tokenizer (tokenizer.ggml.pre); the key itself came with #6920
+PRE_TOKENIZER_SINCE = {"llama-bpe": "PR #6920, April 2024", "smollm": "PR #8609, July 2024"}
+LLAMA_CPP_FRONTENDS = "llama-cpp-python, LM Studio, Ollama, text-generation-webui (llama.cpp loader) and koboldcpp"
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,10 @@ class GgufFileInfo:
     size_bytes: int
     max_ram_bytes: int
     description: str
+    version: int = 3  # what the file itself says: GGUF version, architecture, pre-tokenizer, tensor types
+    architecture: str = ""
+    pre_tokenizer: str = ""
+    tensor_types: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,7 +91,8 @@ def read_gptq_branch(directory: Path) -> GptqBranchInfo:
     size = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
     return GptqBranchInfo(directory.name, int(qconfig["bits"]), int(qconfig["group_size"]), bool(qconfig["desc_act"]),
                           float(qconfig["damp_percent"]), str(calibration.get("source", "unknown")),
-                          int(calibration.get("seqlen", 0)), size, str(qconfig.get("format", "gptq")))
+                          int(calibration.get("seqlen", 0)), size, str(qconfig.get("format", "gptq")),
+                          bool(qconfig.get("sym", True)))
 
 
 def kv_cache_bytes(model: dict[str, Any]) -> int:
@@ -92,20 +111,17 @@ def model_record(config: dict[str, Any]) -> dict[str, Any]:
 
 def read_gguf_file(path: Path, model: dict[str, Any], report: dict[str, Any] | None) -> GgufFileInfo:
     """Figures of one GGUF file: bpw as verify measured it (read from the file when not verified)."""
+    from quantmill.quantize.gguf.inspect import summarize_gguf
     from quantmill.quantize.gguf.types import FILE_TYPES
 
     type_name = path.stem.rsplit("-", 1)[-1].upper()
     measured = _verdicts(report).get(type_name)
-    if measured is not None:
-        bpw = float(measured["bpw"])
-    else:
-        from quantmill.quantize.gguf.inspect import summarize_gguf
-
-        bpw = summarize_gguf(path).bpw
+    summary = summarize_gguf(path)
     size = path.stat().st_size
     row = FILE_TYPES.get(type_name)
-    return GgufFileInfo(path.name, type_name, bpw, size, size + kv_cache_bytes(model) + RAM_OVERHEAD_BYTES,
-                        row.description if row else "")
+    return GgufFileInfo(path.name, type_name, float(measured["bpw"]) if measured is not None else summary.bpw, size,
+                        size + kv_cache_bytes(model) + RAM_OVERHEAD_BYTES, row.description if row else "",
+                        summary.version, summary.architecture, summary.pre_tokenizer, tuple(summary.by_type))
 
 
 def _size(n: int) -> str:
@@ -157,18 +173,19 @@ def _prompt(settings: CardSettings) -> str:
 
 
 def gptq_card(settings: CardSettings, branches: list[GptqBranchInfo], published: dict[str, str],
-              report: dict[str, Any] | None, repo_id: str, this_branch: str) -> str:
+              report: dict[str, Any] | None, repo_id: str, this_branch: str, model_type: str | None = None) -> str:
     """README.md of a GPTQ repository; ``published`` maps release names to the branch each is pushed to."""
-    rows = ["| Branch | Bits | GS | Act Order | Damp % | GPTQ Dataset | Seq Len | Size | ExLlama | Format | Desc |",
-            "| ------ | ---- | -- | --------- | ------ | ------------ | ------- | ---- | ------- | ------ | ---- |"]
+    rows = ["| Branch | Bits | GS | Act Order | Damp % | GPTQ Dataset | Seq Len | Size | ExLlama | Format | Runs in | Desc |",
+            "| ------ | ---- | -- | --------- | ------ | ------------ | ------- | ---- | ------- | ------ | ------- | ---- |"]
     for b in branches:
+        clients = b.clients(model_type)
         group = "None" if b.group_size == -1 else str(b.group_size)
         desc = (f"{b.bits}-bit, {'with' if b.desc_act else 'without'} Act Order, "
                 f"{'no grouping' if b.group_size == -1 else f'group size {b.group_size}g'}; {_measured(b.name, report)}")
         rows.append(f"| [{published[b.name]}](https://huggingface.co/{repo_id}/tree/{published[b.name]}) | {b.bits} | {group} "
                     f"| {'Yes' if b.desc_act else 'No'} | {b.damp_percent:g} | {b.dataset} | {b.seqlen} | {_size(b.size_bytes)} "
-                    f"| {'Yes' if b.bits == 4 and b.format == 'gptq' else 'No'} | {FORMAT_LABELS.get(b.format, b.format)} "
-                    f"| {desc} |")
+                    f"| {'Yes' if 'ExLlama' in clients else 'No'} | {FORMAT_LABELS.get(b.format, b.format)} "
+                    f"| {', '.join(clients)} | {desc} |")
     example = next((published[b.name] for b in branches if published[b.name] != "main"), this_branch)
     return "\n".join([
         front_matter(settings, "GPTQ"),
@@ -180,7 +197,8 @@ def gptq_card(settings: CardSettings, branches: list[GptqBranchInfo], published:
         "",
         "## Provided files",
         "",
-        "Each variant is a separate branch (sizes and settings read from the files themselves).",
+        "Each variant is a separate branch (sizes and settings read from the files themselves). Runs in: the "
+        "runtimes whose documented support covers the branch's format, bit width and symmetry.",
         "",
         *rows,
         "",
@@ -199,6 +217,24 @@ def gptq_card(settings: CardSettings, branches: list[GptqBranchInfo], published:
         _parity(report, [b.name for b in branches]),
         "",
     ])
+
+
+def _gguf_runtimes(files: list[GgufFileInfo]) -> list[str]:
+    """Where the files run, from their own keys: the llama.cpp they need, and what bundles llama.cpp."""
+    from importlib.metadata import version
+
+    if not files:
+        return []
+    first = files[0]
+    types = sorted({t for f in files for t in f.tensor_types})
+    pre = first.pre_tokenizer
+    needs = (f"knows the pre-tokenizer `{pre}` (" + PRE_TOKENIZER_SINCE.get(pre, "see llama.cpp's `llama-vocab.cpp`") + ")"
+             if pre else f"reads GGUF v{first.version} and architecture `{first.architecture}`")
+    return ["## Where these files run", "",
+            f"The files themselves say: GGUF v{first.version}, architecture `{first.architecture}`"
+            + (f", pre-tokenizer `{pre}`" if pre else "") + f", tensor types {', '.join(types)}. They need a llama.cpp "
+            f"that {needs}, and run in what bundles such a llama.cpp: {LLAMA_CPP_FRONTENDS}. Made and checked with "
+            f"the llama.cpp of llama-cpp-python {version('llama-cpp-python')}.", ""]
 
 
 def gguf_card(settings: CardSettings, files: list[GgufFileInfo], report: dict[str, Any] | None, repo_id: str) -> str:
@@ -223,6 +259,7 @@ def gguf_card(settings: CardSettings, files: list[GgufFileInfo], report: dict[st
         "",
         *rows,
         "",
+        *_gguf_runtimes(files),
         "## How to download a file",
         "",
         "```bash",

@@ -79,7 +79,8 @@ def _rows(card: str, header: str) -> list[list[str]]:
     return rows
 
 
-GPTQ_HEADER = "| Branch | Bits | GS | Act Order | Damp % | GPTQ Dataset | Seq Len | Size | ExLlama | Format | Desc |"
+GPTQ_HEADER = ("| Branch | Bits | GS | Act Order | Damp % | GPTQ Dataset | Seq Len | Size | ExLlama | Format | Runs in "
+               "| Desc |")
 GGUF_HEADER = "| Name | Quant method | Bits | Size | Max RAM required | Use case |"
 
 
@@ -100,13 +101,46 @@ def test_gptq_table_is_read_from_the_branches(release: tuple[Path, dict[str, Any
     assert set(rows) == {"main", BRANCH_8}  # the variant marked main is published as main
     assert rows["main"][1:10] == ["4", "32", "Yes", "0.02", "bundled", "256", "3.0 MB", "Yes", "GPTQ (v1)"]
     assert rows[BRANCH_8][1:9] == ["8", "None", "No", "0.02", "bundled", "256", "5.0 MB", "No"]
-    assert "Δppl +3.00%, passed" in rows["main"][10] and "FAILED verification" in rows[BRANCH_8][10]
+    assert rows["main"][10] == "transformers + GPTQModel, vLLM, TGI, ExLlama"  # 4-bit symmetric, llama family
+    assert rows[BRANCH_8][10] == "transformers + GPTQModel, vLLM"
+    assert "Δppl +3.00%, passed" in rows["main"][11] and "FAILED verification" in rows[BRANCH_8][11]
     assert "This branch: `main`" in card and f"This branch: `{BRANCH_8}`" in cards[f"gptq/{BRANCH_8}/README.md"]
     assert f"--branch {BRANCH_8} https://huggingface.co/me/Tiny-Chat-GPTQ" in card  # how to download a branch
     # the table follows the files, not the recipe: a bigger file shows a bigger size
     (release[0] / "gptq" / BRANCH_8 / "model.safetensors").write_bytes(bytes(7_000_000))
     rows = {r[0].split("]")[0].lstrip("["): r for r in _rows(_cards(release)[f"gptq/{BRANCH_4}/README.md"], GPTQ_HEADER)}
     assert rows[BRANCH_8][7] == "7.0 MB"
+
+
+def test_clients_follow_format_bits_symmetry_and_family(release: tuple[Path, dict[str, Any]]) -> None:
+    from quantmill.card import GptqBranchInfo
+
+    def clients(model_type: str, **changes: Any) -> list[str]:
+        fields = {"name": "b", "bits": 4, "group_size": 128, "desc_act": True, "damp_percent": 0.01, "dataset": "d",
+                  "seqlen": 8, "size_bytes": 1, **changes}
+        return GptqBranchInfo(**fields).clients(model_type)
+
+    assert clients("mistral") == ["transformers + GPTQModel", "vLLM", "TGI", "ExLlama"]
+    assert clients("falcon") == ["transformers + GPTQModel", "vLLM", "TGI"]  # ExLlama runs llama-family models only
+    assert clients("llama", sym=False) == ["transformers + GPTQModel"]
+    assert clients("llama", bits=3) == ["transformers + GPTQModel", "vLLM"]
+    assert clients("llama", format="compressed-tensors") == ["transformers + compressed-tensors", "vLLM"]
+    root, manifest = release  # the model type comes from the manifest
+    card = render_cards(root, {**manifest, "model": {**MODEL, "model_type": "falcon"}}, gptq_repo="a/b", gguf_repo="a/c",
+                        published=hub_layout(manifest, root))[f"gptq/{BRANCH_4}/README.md"]
+    assert {r[0].split("]")[0].lstrip("["): r[8] for r in _rows(card, GPTQ_HEADER)}["main"] == "No"
+
+
+def test_gguf_card_says_where_the_files_run_from_their_keys(release: tuple[Path, dict[str, Any]]) -> None:
+    from importlib.metadata import version
+
+    card = _cards(release)["gguf/README.md"]
+    section = card.split("## Where these files run\n\n")[1].split("\n")[0]
+    assert section.startswith("The files themselves say: GGUF v3, architecture `llama`, pre-tokenizer `smollm`, "
+                              "tensor types F16, F32, Q8_0.")
+    assert "knows the pre-tokenizer `smollm` (PR #8609, July 2024)" in section and "Ollama" in section
+    assert f"llama-cpp-python {version('llama-cpp-python')}" in section
+    assert "huggingface-cli download me/Tiny-Chat-GGUF tiny-" in card  # how to download one file
 
 
 def test_gguf_table_is_read_from_the_files(release: tuple[Path, dict[str, Any]]) -> None:

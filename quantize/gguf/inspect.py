@@ -57,6 +57,8 @@ class GGUFSummary(NamedTuple):
     by_type: dict[str, TypeTotals]
     architecture: str = ""  # general.architecture
     keys: tuple[str, ...] = ()  # every metadata key, in file order
+    version: int = 3  # the GGUF format version in the header
+    pre_tokenizer: str = ""  # tokenizer.ggml.pre
 
     def require(self, capability: str) -> None:
         """Refuse a GGUF whose family (its architecture record) cannot go through ``capability``."""
@@ -99,6 +101,7 @@ def _reader() -> SimpleNamespace:
     return SimpleNamespace(
         init=c_function("gguf_init_from_file", p, ctypes.c_char_p, _InitParams),
         free=c_function("gguf_free", None, p),
+        version=c_function("gguf_get_version", ctypes.c_uint32, p),
         n_kv=c_function("gguf_get_n_kv", i64, p),
         key=c_function("gguf_get_key", ctypes.c_char_p, p, i64),
         kv_type=c_function("gguf_get_kv_type", ctypes.c_int, p, i64),
@@ -131,7 +134,8 @@ def summarize_gguf(path: str | Path) -> GGUFSummary:
         keys = tuple(c.key(ctx, k).decode("utf-8", errors="replace") for k in range(c.n_kv(ctx)))
         values = {key: k for k, key in enumerate(keys)}
         file_type = values.get("general.file_type")
-        arch = values.get("general.architecture")
+        text = {key: c.val_str(ctx, k).decode("utf-8", errors="replace") for key in ("general.architecture", "tokenizer.ggml.pre")
+                if (k := values.get(key)) is not None and c.kv_type(ctx, k) == _GGUF_TYPE_STRING}
         tensors = tuple(_tensor(c, ctx, t) for t in range(c.n_tensors(ctx)))
         file_size = path.stat().st_size
         data_end = max((c.data_offset(ctx) + c.tensor_offset(ctx, t) + tensors[t].n_bytes for t in range(len(tensors))), default=0)
@@ -144,8 +148,10 @@ def summarize_gguf(path: str | Path) -> GGUFSummary:
             file_type=int(c.val_u32(ctx, file_type)) if file_type is not None and c.kv_type(ctx, file_type) == _GGUF_TYPE_UINT32 else None,
             tensors=tensors,
             by_type=_totals_by_type(tensors),
-            architecture=c.val_str(ctx, arch).decode() if arch is not None and c.kv_type(ctx, arch) == _GGUF_TYPE_STRING else "",
+            architecture=text.get("general.architecture", ""),
             keys=keys,
+            version=int(c.version(ctx)),
+            pre_tokenizer=text.get("tokenizer.ggml.pre", ""),
         )
     finally:
         c.free(ctx)

@@ -55,7 +55,7 @@ def render_cards(release_dir: Path, manifest: dict[str, Any], *, gptq_repo: str,
     branches = [read_gptq_branch(p) for p in gptq_branch_dirs(release_dir)]
     for branch in branches:
         cards[f"{GPTQ_DIR}/{branch.name}/{README}"] = gptq_card(settings, branches, published, report, gptq_repo,
-                                                                published[branch.name])
+                                                                published[branch.name], manifest["model"].get("model_type"))
     return cards
 
 

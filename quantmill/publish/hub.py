@@ -4,7 +4,12 @@ Per repository: ``create_repo(exist_ok=True)``; per branch: ``create_branch(exis
 ``main``), ``list_repo_tree`` to see what is there, then ONE ``create_commit`` that adds the files
 whose sha256 (LFS) or git blob id differ and deletes files that do not belong (``.gitattributes``
 is kept), or no commit at all when the branch already matches. GGUF files larger than the target's
-``max_file_size`` are uploaded in llama.cpp's split format instead.
+``max_file_size`` are uploaded in llama.cpp's split format instead. ``create_commit`` uploads the LFS files
+first and the Hub keeps each one it received, so a commit that broke off re-sends only what is missing
+(huggingface_hub 2 has no separate large-folder uploader: it was removed in favour of this path).
+
+Everything quantmill asks of the Hub is :class:`HubClient`; ``HfApi`` is one (checked by mypy below), and the
+tests use an in-memory Hub that keeps files per branch.
 
 The token is whatever huggingface_hub finds (``HF_TOKEN`` or the stored login); quantmill never
 reads, passes, logs or writes it.
@@ -12,13 +17,29 @@ reads, passes, logs or writes it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from quantmill.publish.layout import RepoBranch, plan_branches
 from quantmill.recipe import HubTarget
 
 KEEP = (".gitattributes",)
+
+
+class HubClient(Protocol):
+    """The four ``HfApi`` calls a publish makes (keyword names as huggingface_hub's)."""
+
+    def create_repo(self, repo_id: str, *, private: bool | None = None, repo_type: str | None = None,
+                    exist_ok: bool = False) -> Any: ...
+
+    def create_branch(self, repo_id: str, *, branch: str, repo_type: str | None = None, exist_ok: bool = False) -> None: ...
+
+    def list_repo_tree(self, repo_id: str, *, recursive: bool = False, revision: str | None = None,
+                       repo_type: str | None = None) -> Iterable[Any]: ...
+
+    def create_commit(self, repo_id: str, operations: Iterable[Any], *, commit_message: str,
+                      repo_type: str | None = None, revision: str | None = None) -> Any: ...
 SPLIT_DIR = "publish/split"
 
 
@@ -61,7 +82,7 @@ def split_oversized(branch: RepoBranch, limit: int, work_dir: Path) -> RepoBranc
     return RepoBranch(branch.repo, branch.branch, files, branch.texts)
 
 
-def sync_branch(api: Any, planned: RepoBranch, message: str) -> str:
+def sync_branch(api: HubClient, planned: RepoBranch, message: str) -> str:
     """Make the Hub branch hold exactly ``planned``; return "created", "updated" or "unchanged"."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
     from huggingface_hub.hf_api import RepoFile
@@ -90,11 +111,11 @@ def sync_branch(api: Any, planned: RepoBranch, message: str) -> str:
 
 
 def publish_hub(target: HubTarget, release_dir: Path, manifest: dict[str, Any], work_dir: Path, *,
-                hf_api: Any = None, **_: Any) -> list[dict[str, Any]]:
+                hf_api: HubClient | None = None, **_: Any) -> list[dict[str, Any]]:
     if hf_api is None:
         from huggingface_hub import HfApi
 
-        hf_api = HfApi()
+        hf_api = HfApi()  # mypy checks here that HfApi is a HubClient
     planned = plan_branches(release_dir, manifest, gguf_repo=target.gguf_repo, gptq_repo=target.gptq_repo)
     for repo in sorted({b.repo for b in planned}):
         hf_api.create_repo(repo_id=repo, repo_type="model", private=target.private, exist_ok=True)

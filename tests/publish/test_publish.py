@@ -1,5 +1,6 @@
-"""Publishing a release: to a real local bare git repository end to end, and to the Hub through the
-exact sequence of HfApi calls (a recording fake with an in-memory Hub; no network here).
+"""Publishing a release: to a real local bare git repository end to end, and to the Hub through
+:class:`quantmill.publish.hub.HubClient`, against an in-memory model of Hub repositories whose end state
+the tests check (no network here).
 
 The release is built once per module by the real pipeline on a tiny model (GPTQ: two branches,
 GGUF: the f16 file, verify with a threshold).
@@ -162,128 +163,185 @@ def test_failing_verification_blocks_publish_unless_forced(built: Path, tmp_path
 # --------------------------------------------------------------------------- the Hub
 
 
-class FakeHub:
-    """Records every HfApi call in order; keeps repositories, branches and files in memory."""
+class InMemoryHub:
+    """A model of Hub repositories (a :class:`quantmill.publish.hub.HubClient`): branches of files.
+
+    As on the Hub: a new repository's ``main`` holds ``.gitattributes``; a new branch starts as a copy of
+    ``main``; a commit applies all its operations or none; deleting a missing file is an error; binaries
+    are stored in LFS (the tree lists their sha256). The tests look at what the repositories hold at the
+    end, not at the order of the calls that got there; ``calls`` is kept only to show two orders differ.
+    """
+
+    LFS_SUFFIXES = (".gguf", ".safetensors", ".png")
 
     def __init__(self, fail_commit_number: int | None = None) -> None:
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-        self.repos: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
-        self.commits: list[tuple[str, str, list[str]]] = []
+        self.repos: dict[str, dict[str, dict[str, bytes]]] = {}
+        self.private: dict[str, bool | None] = {}
+        self.commits: list[tuple[str, str]] = []
+        self.calls: list[tuple[str, str, str | None]] = []
         self.fail_commit_number = fail_commit_number
 
-    def _record(self, name: str, **kwargs: Any) -> None:
-        self.calls.append((name, kwargs))
+    def create_repo(self, repo_id: str, *, private: bool | None = None, repo_type: str | None = None,
+                    exist_ok: bool = False) -> str:
+        assert repo_type in (None, "model")
+        self.calls.append(("create_repo", repo_id, None))
+        if repo_id in self.repos and not exist_ok:
+            raise FileExistsError(f"409: {repo_id} exists")
+        if repo_id not in self.repos:
+            self.repos[repo_id], self.private[repo_id] = {"main": {".gitattributes": b"*.gguf filter=lfs\n"}}, private
+        return f"https://huggingface.co/{repo_id}"
 
-    def create_repo(self, **kwargs: Any) -> str:
-        self._record("create_repo", **kwargs)
-        self.repos.setdefault(kwargs["repo_id"], {"main": {".gitattributes": self._entry(".gitattributes", b"*.gguf lfs\n")}})
-        return f"https://huggingface.co/{kwargs['repo_id']}"
+    def create_branch(self, repo_id: str, *, branch: str, repo_type: str | None = None, exist_ok: bool = False) -> None:
+        self.calls.append(("create_branch", repo_id, branch))
+        branches = self.repos[repo_id]  # KeyError: the repository does not exist
+        if branch in branches and not exist_ok:
+            raise FileExistsError(f"409: {repo_id}@{branch} exists")
+        branches.setdefault(branch, dict(branches["main"]))
 
-    def create_branch(self, **kwargs: Any) -> None:
-        self._record("create_branch", **kwargs)
-        branches = self.repos[kwargs["repo_id"]]
-        branches.setdefault(kwargs["branch"], dict(branches["main"]))
-
-    def list_repo_tree(self, repo_id: str, **kwargs: Any) -> list[Any]:
+    def list_repo_tree(self, repo_id: str, *, recursive: bool = False, revision: str | None = None,
+                       repo_type: str | None = None) -> list[Any]:
         from huggingface_hub.hf_api import RepoFile
 
-        self._record("list_repo_tree", repo_id=repo_id, **kwargs)
-        return [RepoFile(**entry) for entry in self.repos[repo_id][kwargs["revision"]].values()]
+        self.calls.append(("list_repo_tree", repo_id, revision))
+        files = self.repos[repo_id][revision or "main"]
+        return [RepoFile(**self._entry(path, data)) for path, data in sorted(files.items())]
 
-    def create_commit(self, **kwargs: Any) -> None:
-        from huggingface_hub import CommitOperationAdd
+    def create_commit(self, repo_id: str, operations: Any, *, commit_message: str, repo_type: str | None = None,
+                      revision: str | None = None) -> None:
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-        self._record("create_commit", **{k: v for k, v in kwargs.items() if k != "operations"},
-                     operations=[(type(op).__name__, op.path_in_repo) for op in kwargs["operations"]])
+        self.calls.append(("create_commit", repo_id, revision))
+        files = dict(self.repos[repo_id][revision or "main"])
+        for op in operations:
+            if isinstance(op, CommitOperationAdd):
+                source = op.path_or_fileobj
+                files[op.path_in_repo] = source if isinstance(source, bytes) else Path(str(source)).read_bytes()
+            else:
+                assert isinstance(op, CommitOperationDelete)
+                del files[op.path_in_repo]  # KeyError: the Hub refuses to delete a missing file
         if self.fail_commit_number is not None and len(self.commits) + 1 == self.fail_commit_number:
             self.fail_commit_number = None
             raise ConnectionError("connection reset by peer")
-        files = self.repos[kwargs["repo_id"]][kwargs["revision"]]
-        for op in kwargs["operations"]:
-            if isinstance(op, CommitOperationAdd):
-                data = op.path_or_fileobj if isinstance(op.path_or_fileobj, bytes) else Path(op.path_or_fileobj).read_bytes()
-                files[op.path_in_repo] = self._entry(op.path_in_repo, data)
-            else:
-                files.pop(op.path_in_repo)
-        self.commits.append((kwargs["repo_id"], kwargs["revision"], sorted(files)))
+        self.repos[repo_id][revision or "main"] = files
+        self.commits.append((repo_id, revision or "main"))
 
-    @staticmethod
-    def _entry(path: str, data: bytes) -> dict[str, Any]:
-        oid = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-        entry: dict[str, Any] = {"path": path, "size": len(data), "oid": oid, "type": "file"}
-        if path.endswith((".gguf", ".safetensors", ".png")):  # the Hub stores binaries in LFS
+    @classmethod
+    def _entry(cls, path: str, data: bytes) -> dict[str, Any]:
+        entry: dict[str, Any] = {"path": path, "size": len(data), "type": "file",
+                                 "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+        if path.endswith(cls.LFS_SUFFIXES):
             entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
         return entry
 
-    def sequence(self) -> list[tuple[str, str, str | None]]:
-        return [(name, kw["repo_id"], kw.get("branch") or kw.get("revision")) for name, kw in self.calls]
+    def state(self) -> dict[str, dict[str, dict[str, str]]]:
+        """repository -> branch -> path -> sha256: everything a user of the repositories can see."""
+        return {repo: {branch: {path: hashlib.sha256(data).hexdigest() for path, data in sorted(files.items())}
+                       for branch, files in sorted(branches.items())} for repo, branches in sorted(self.repos.items())}
 
 
 def _hub_target(**changes: Any) -> HubTarget:
     return HubTarget(**{"gguf_repo": "me/tiny-GGUF", "gptq_repo": "me/tiny-GPTQ", **changes})
 
 
-def test_hub_publish_makes_the_exact_call_sequence_and_is_idempotent(built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _publish_hub(built: Path, hub: InMemoryHub, **changes: Any) -> list[dict[str, Any]]:
+    return publish_release(_release(built), [_hub_target(**changes)], work_dir=built / "work", hf_api=hub)
+
+
+@pytest.fixture(scope="module")
+def published(built: Path) -> dict[str, dict[str, dict[str, str]]]:
+    """The end state of one uninterrupted publish to an empty Hub."""
+    hub = InMemoryHub()
+    _publish_hub(built, hub)
+    return hub.state()
+
+
+def test_hub_publish_ends_with_the_release_on_its_branches_and_no_token(built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", SECRET)
-    hub = FakeHub()
-    records = publish_release(_release(built), [_hub_target()], work_dir=built / "work", hf_api=hub)
-    assert hub.sequence() == [
-        ("create_repo", "me/tiny-GGUF", None),
-        ("create_repo", "me/tiny-GPTQ", None),
-        ("create_branch", "me/tiny-GPTQ", BRANCH_8),  # branches first, while main has no files to copy
-        ("list_repo_tree", "me/tiny-GPTQ", BRANCH_8),
-        ("create_commit", "me/tiny-GPTQ", BRANCH_8),
-        ("list_repo_tree", "me/tiny-GPTQ", "main"),  # the main variant goes to main: no branch to create
-        ("create_commit", "me/tiny-GPTQ", "main"),
-        ("list_repo_tree", "me/tiny-GGUF", "main"),
-        ("create_commit", "me/tiny-GGUF", "main"),
-    ]
-    assert all(kw.get("exist_ok") is True for name, kw in hub.calls if name in ("create_repo", "create_branch"))
-    assert all("token" not in kw for _, kw in hub.calls)  # huggingface_hub finds the token itself
+    hub = InMemoryHub()
+    records = _publish_hub(built, hub, private=True)
     release = _release(built)
-    assert set(hub.repos["me/tiny-GGUF"]["main"]) == {".gitattributes", "README.md", "parity.png", "tiny-F16.gguf"}
-    assert set(hub.repos["me/tiny-GPTQ"]["main"]) == {".gitattributes", *(p.name for p in (release / "gptq" / BRANCH_4).iterdir())}
-    assert set(hub.repos["me/tiny-GPTQ"][BRANCH_8]) == {".gitattributes", *(p.name for p in (release / "gptq" / BRANCH_8).iterdir())}
-    assert hub.repos["me/tiny-GGUF"]["main"]["tiny-F16.gguf"]["lfs"]["oid"] == _sha(release / "gguf" / "tiny-F16.gguf")
-    assert [(r["branch"], r["status"]) for r in records] == [(BRANCH_8, "created"), ("main", "created"), ("main", "created")]
-    # again: only look-ups, no commit
-    hub.calls.clear()
-    publish_release(release, [_hub_target()], work_dir=built / "work", hf_api=hub)
-    assert [c[0] for c in hub.sequence()] == ["create_repo", "create_repo", "create_branch", "list_repo_tree",
-                                              "list_repo_tree", "list_repo_tree"]
-    assert len(hub.commits) == 3
-    for path in [*built.rglob("*")]:  # the token is written nowhere
+    state = hub.state()
+    assert sorted(state) == ["me/tiny-GGUF", "me/tiny-GPTQ"] and set(hub.private.values()) == {True}
+    gguf_main = state["me/tiny-GGUF"]["main"]
+    assert sorted(state["me/tiny-GGUF"]) == ["main"]
+    assert sorted(gguf_main) == [".gitattributes", "README.md", "parity.png", "tiny-F16.gguf"]
+    for name in ("parity.png", "tiny-F16.gguf"):
+        assert gguf_main[name] == _sha(release / "gguf" / name), name
+    # the GPTQ repository of its own: the main variant on main, the other on its branch, each with its card
+    assert sorted(state["me/tiny-GPTQ"]) == [BRANCH_8, "main"]
+    for branch, local in (("main", BRANCH_4), (BRANCH_8, BRANCH_8)):
+        files = state["me/tiny-GPTQ"][branch]
+        assert sorted(files) == sorted({".gitattributes", *(p.name for p in (release / "gptq" / local).iterdir())})
+        for name, sha in files.items():
+            if name not in (".gitattributes", "README.md"):
+                assert sha == _sha(release / "gptq" / local / name), (branch, name)
+        card = hub.repos["me/tiny-GPTQ"][branch]["README.md"].decode()
+        assert f"This branch: `{branch}`" in card and "huggingface.co/me/tiny-GPTQ/tree/" in card
+    tree = {e.path: e for e in hub.list_repo_tree("me/tiny-GGUF", revision="main")}
+    assert tree["tiny-F16.gguf"].lfs.sha256 == _sha(release / "gguf" / "tiny-F16.gguf")  # stored in LFS
+    assert hub.repos["me/tiny-GGUF"]["main"][".gitattributes"] == b"*.gguf filter=lfs\n"  # the Hub's own, kept
+    assert [(r["repo"], r["branch"], r["status"]) for r in records] == [
+        ("me/tiny-GPTQ", BRANCH_8, "created"), ("me/tiny-GPTQ", "main", "created"), ("me/tiny-GGUF", "main", "created")]
+    for repo, branches in hub.repos.items():  # the token is in no file sent
+        assert all(SECRET.encode() not in data for files in branches.values() for data in files.values()), repo
+    for path in [*built.rglob("*")]:  # nor written anywhere locally
         if path.is_file() and path.stat().st_size < 50_000_000:
             assert SECRET.encode() not in path.read_bytes(), path
 
 
-def test_interrupted_hub_publish_resumes_without_duplicate_commits(built: Path) -> None:
-    hub = FakeHub(fail_commit_number=2)
+def test_hub_publish_again_changes_nothing(built: Path, published: dict[str, Any]) -> None:
+    hub = InMemoryHub()
+    _publish_hub(built, hub)
+    commits = list(hub.commits)
+    records = _publish_hub(built, hub)
+    assert hub.state() == published and hub.commits == commits
+    assert {r["status"] for r in records} == {"unchanged"}
+
+
+def test_the_same_end_state_through_another_order_of_calls(built: Path, published: dict[str, Any]) -> None:
+    """Not an order of calls: a Hub someone prepared (the branch exists, GGUF published on its own first)
+    ends in the same state as an empty Hub published in one go."""
+    hub = InMemoryHub()
+    hub.create_repo("me/tiny-GPTQ")
+    hub.create_branch("me/tiny-GPTQ", branch=BRANCH_8)
+    _publish_hub(built, hub, gptq_repo=None)
+    _publish_hub(built, hub, gguf_repo=None)
+    _publish_hub(built, hub)
+    once = InMemoryHub()
+    _publish_hub(built, once)
+    assert hub.calls != once.calls  # really another order
+    assert hub.state() == published == once.state()
+
+
+def test_interrupted_hub_publish_resumes_to_the_same_end_state(built: Path, published: dict[str, Any]) -> None:
+    hub = InMemoryHub(fail_commit_number=2)
     with pytest.raises(ConnectionError):
-        publish_release(_release(built), [_hub_target()], work_dir=built / "work", hf_api=hub)
-    assert [(r, b) for r, b, _ in hub.commits] == [("me/tiny-GPTQ", BRANCH_8)]
-    publish_release(_release(built), [_hub_target()], work_dir=built / "work", hf_api=hub)
-    assert [(r, b) for r, b, _ in hub.commits] == [("me/tiny-GPTQ", BRANCH_8), ("me/tiny-GPTQ", "main"), ("me/tiny-GGUF", "main")]
+        _publish_hub(built, hub)
+    assert hub.commits == [("me/tiny-GPTQ", BRANCH_8)]  # the failed commit left nothing behind
+    assert hub.repos["me/tiny-GPTQ"]["main"].keys() == {".gitattributes"}
+    _publish_hub(built, hub)
+    assert hub.state() == published
+    assert sorted(hub.commits) == sorted(set(hub.commits))  # one commit per branch: nothing was sent twice
 
 
-def test_hub_branch_left_with_stray_files_is_cleaned(built: Path) -> None:
-    hub = FakeHub()
-    publish_release(_release(built), [_hub_target()], work_dir=built / "work", hf_api=hub)
-    hub.repos["me/tiny-GPTQ"][BRANCH_8]["stale.bin"] = FakeHub._entry("stale.bin", b"old")
-    hub.calls.clear()
-    publish_release(_release(built), [_hub_target()], work_dir=built / "work", hf_api=hub)
-    commit = [kw for name, kw in hub.calls if name == "create_commit"]
-    assert len(commit) == 1 and commit[0]["operations"] == [("CommitOperationDelete", "stale.bin")]
+def test_hub_branch_left_with_stray_files_is_cleaned(built: Path, published: dict[str, Any]) -> None:
+    hub = InMemoryHub()
+    _publish_hub(built, hub)
+    hub.repos["me/tiny-GPTQ"][BRANCH_8]["stale.bin"] = b"old"
+    hub.repos["me/tiny-GPTQ"][BRANCH_8]["config.json"] = b"{}"
+    _publish_hub(built, hub)
+    assert hub.state() == published
+    assert hub.commits.count(("me/tiny-GPTQ", BRANCH_8)) == 2 and len(hub.commits) == 4
 
 
-def test_failing_verification_makes_no_hub_call(built: Path) -> None:
-    hub = FakeHub()
+def test_failing_verification_touches_no_hub_repository(built: Path) -> None:
+    hub = InMemoryHub()
     release = built / "work" / "strict"
     if not release.is_dir():
         pytest.skip("needs the strict release of test_failing_verification_blocks_publish_unless_forced")
     with pytest.raises(PublishBlockedError):
         publish_release(release, [_hub_target()], work_dir=built / "work", hf_api=hub)
-    assert hub.calls == []
+    assert hub.state() == {} and hub.calls == []
 
 
 def test_tampered_release_is_never_published(built: Path, tmp_path: Path) -> None:
@@ -294,10 +352,10 @@ def test_tampered_release_is_never_published(built: Path, tmp_path: Path) -> Non
         last = fh.read(1)
         fh.seek(-1, 2)
         fh.write(bytes([last[0] ^ 1]))
-    hub = FakeHub()
+    hub = InMemoryHub()
     with pytest.raises(Exception, match="different compared with the manifest"):
         publish_release(copy, [_hub_target()], work_dir=tmp_path, hf_api=hub)
-    assert hub.calls == []
+    assert hub.state() == {}
 
 
 def test_files_over_the_limit_go_up_in_llama_cpp_split_format(built: Path, tmp_path: Path) -> None:
@@ -306,7 +364,7 @@ def test_files_over_the_limit_go_up_in_llama_cpp_split_format(built: Path, tmp_p
 
     release = _release(built)
     original = release / "gguf" / "tiny-F16.gguf"
-    hub = FakeHub()
+    hub = InMemoryHub()
     limit = original.stat().st_size // 2
     publish_release(release, [_hub_target(gptq_repo=None, max_file_size=limit)], work_dir=tmp_path, hf_api=hub)
     names = sorted(hub.repos["me/tiny-GGUF"]["main"])
