@@ -25,6 +25,7 @@ from quantmill.publish.layout import RepoBranch, plan_branches
 from quantmill.recipe import HubTarget
 
 KEEP = (".gitattributes",)
+SPLIT_DIR = "publish/split"
 
 
 class HubClient(Protocol):
@@ -40,7 +41,6 @@ class HubClient(Protocol):
 
     def create_commit(self, repo_id: str, operations: Iterable[Any], *, commit_message: str,
                       repo_type: str | None = None, revision: str | None = None) -> Any: ...
-SPLIT_DIR = "publish/split"
 
 
 def git_blob_id(data: bytes) -> str:
