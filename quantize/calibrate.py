@@ -64,6 +64,7 @@ def calibrate_imatrix(
     text_field: str = DEFAULT_TEXT_FIELD,
     device: str = "cpu",
     progress: bool = True,
+    checkpoint_dir: Path | None = None,
 ) -> CalibrateResult:
     """Write the importance matrix of ``model_dir`` on ``calib`` to ``out`` (GGUF imatrix, atomic)."""
     from quantmill.quantize.stats import collect_importance
@@ -77,7 +78,7 @@ def calibrate_imatrix(
     if Path(model_dir).is_dir():
         arch_for(Path(model_dir), read_config(Path(model_dir)), "statistics")  # the family can run the pass, before any work
     calibration = prepare_calibration(model_dir, calib, samples, seqlen, seed, text_field, progress=progress)
-    stats = collect_importance(Path(model_dir), calibration, device=device, progress=progress)
+    stats = collect_importance(Path(model_dir), calibration, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
     imatrix = imatrix_from_stats(stats, calibration)
     write_imatrix(imatrix, out)
     return CalibrateResult(out, calibration, imatrix)

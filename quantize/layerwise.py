@@ -230,10 +230,24 @@ class LayerwiseRunner:
         index = torch.from_numpy(inverse.reshape(self.token_ids.shape)).to(self.device)
         self.hidden = table[index]
         del table, index
+        self._rotary()
+
+    def _rotary(self) -> None:
+        import torch
+
         rotary = self._rotary_cls(config=self.config).to(self.device)
         positions = torch.arange(self.token_ids.shape[1], device=self.device)[None, :]
+        probe = torch.zeros(1, self.token_ids.shape[1], self.config.hidden_size, dtype=self.dtype, device=self.device)
         with torch.inference_mode():
-            self._cos_sin = rotary(self.hidden[:1], positions)
+            self._cos_sin = rotary(probe, positions)
+
+    def resume(self, hidden: torch.Tensor) -> None:
+        """Continue from checkpointed hidden states (samples x seqlen x hidden) instead of the embedding."""
+        expected = (*self.token_ids.shape, int(self.config.hidden_size))
+        if tuple(hidden.shape) != expected:
+            raise RuntimeError(f"checkpointed hidden states have shape {tuple(hidden.shape)}, expected {expected}")
+        self.hidden = hidden.to(device=self.device, dtype=self.dtype)
+        self._rotary()
 
     def _load_layer(self, ckpt: Checkpoint, index: int) -> nn.Module:
         import torch
@@ -250,16 +264,23 @@ class LayerwiseRunner:
         module.load_state_dict(state, strict=True, assign=True)
         return module.eval()
 
-    def layers(self) -> Iterator[DecoderLayerStep]:
-        """Yield each decoder layer in order; the caller must ``run(..., update=True)`` each one."""
+    def layers(self, start: int = 0, hidden: torch.Tensor | None = None) -> Iterator[DecoderLayerStep]:
+        """Yield each decoder layer in order; the caller must ``run(..., update=True)`` each one.
+
+        ``start`` > 0 continues at that layer from ``hidden``, the states a checkpoint kept after layer ``start - 1``.
+        """
         from tqdm import tqdm
 
         from quantmill.convert.safetensors_io import Checkpoint
 
         bound_heap_growth()
         with Checkpoint(self.model_dir) as ckpt:
-            self._embed(ckpt)
-            bar = tqdm(range(self.n_layers), desc=self.desc, unit="layer", disable=not self.progress, leave=False)
+            if start:
+                assert hidden is not None
+                self.resume(hidden)
+            else:
+                self._embed(ckpt)
+            bar = tqdm(range(start, self.n_layers), desc=self.desc, unit="layer", disable=not self.progress, leave=False)
             for index in bar:
                 step = DecoderLayerStep(self, index, self._load_layer(ckpt, index))
                 yield step

@@ -14,6 +14,7 @@ every token counts.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from quantmill.errors import UserInputError
+
+LOG = logging.getLogger("quantmill.statistics")
 
 if TYPE_CHECKING:
     import torch
@@ -164,19 +167,44 @@ class ImportanceStats:
     counts: dict[str, int]
 
 
-def collect_importance(model_dir: Path, calib: CalibrationSet, *, device: str = "cpu", progress: bool = True) -> ImportanceStats:
-    """The importance matrix of every decoder linear, from one layer-by-layer pass."""
-    from quantmill.quantize.layerwise import arch_for, read_config
+def collect_importance(model_dir: Path, calib: CalibrationSet, *, device: str = "cpu", progress: bool = True,
+                       checkpoint_dir: Path | None = None) -> ImportanceStats:
+    """The importance matrix of every decoder linear, from one layer-by-layer pass.
 
-    arch = arch_for(model_dir, read_config(model_dir))
+    With ``checkpoint_dir``, the hidden states and the sums so far are checkpointed after every decoder
+    layer (:mod:`quantmill.quantize.resume`); a pass killed mid-way resumes at its first unfinished layer.
+    """
+    from quantmill.progress import LayerProgress
+    from quantmill.quantize.layerwise import LayerwiseRunner, arch_for, read_config
+    from quantmill.quantize.resume import LayerCheckpoint, as_tensor
+
+    config = read_config(model_dir)
+    arch = arch_for(model_dir, config)
+    checkpoint = LayerCheckpoint(checkpoint_dir, {"pass": "statistics", "kinds": ["sum_squares"], "config": config,
+                                                  "calibration": calib.record()})
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    n_layers = 0
-    for layer in iter_layer_stats(model_dir, calib, ("sum_squares",), device=device, progress=progress):
-        n_layers = layer.index + 1
-        for name, per_kind in layer.collectors.items():
+    runner = LayerwiseRunner(model_dir, calib.token_ids, device=device, progress=False, desc="statistics")
+    start, hidden = 0, None
+    saved = checkpoint.load()
+    if saved is not None:
+        start, hidden = saved.next_layer, as_tensor(saved.arrays.pop("hidden"))
+        sums = {name.removeprefix("sum_squares/"): np.array(a) for name, a in saved.arrays.items()}
+        counts = {name: int(n) for name, n in saved.state["counts"].items()}
+        LOG.info("statistics: resumed at layer %d of %d from %s", start, runner.n_layers, checkpoint.directory)
+    bar = LayerProgress("statistics", runner.n_layers, start, bars=progress)
+    for step in runner.layers(start, hidden):
+        collectors, observers = attach_collectors(step, ("sum_squares",))
+        step.run(observers, update=True)
+        for name, per_kind in collectors.items():
             collector = per_kind["sum_squares"]
             assert isinstance(collector, SumSquares)
             sums[name] = collector.values()
             counts[name] = collector.count
-    return ImportanceStats(arch, n_layers, dict(sorted(sums.items())), dict(sorted(counts.items())))
+        if step.index + 1 < runner.n_layers:  # what the next layer needs; after the last one the caller writes the result
+            checkpoint.save(step.index + 1, {"hidden": runner.hidden, **{f"sum_squares/{n}": a for n, a in sums.items()}},
+                            {"counts": counts})
+        bar.advance(f"layer {step.index}")
+    bar.close()
+    checkpoint.clear()  # the pass is done
+    return ImportanceStats(arch, runner.n_layers, dict(sorted(sums.items())), dict(sorted(counts.items())))

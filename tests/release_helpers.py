@@ -34,16 +34,16 @@ TINY_RECIPE: dict[str, Any] = {
 }
 
 
-def make_tiny_model(directory: Path) -> Path:
-    """A float32 HF checkpoint of a tiny llama (2 layers, hidden 64, 400-token BPE vocabulary)."""
+def make_tiny_model(directory: Path, n_layer: int = 2) -> Path:
+    """A float32 HF checkpoint of a tiny llama (``n_layer`` layers, hidden 64, 400-token BPE vocabulary)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from tiny_gguf import bpe_vocab, write_tiny_gguf
+    from tiny_gguf import TinyShape, bpe_vocab, write_tiny_gguf
 
     from quantmill.convert.gguf_to_hf import gguf_to_hf
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     gguf_path = directory.parent / f".{directory.name}.gguf"
-    write_tiny_gguf(gguf_path, bpe_vocab(), tied=False, seed=11)
+    write_tiny_gguf(gguf_path, bpe_vocab(), TinyShape(n_layer=n_layer), tied=False, seed=11)
     gguf_to_hf(gguf_path, directory, dtype="float32", progress=False)
     gguf_path.unlink()
     return directory

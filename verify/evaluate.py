@@ -119,12 +119,15 @@ class VerifyResult:
 
 
 def _progress(chunks: Iterator[ChunkLogProbs], total: int, label: str, enabled: bool) -> Iterator[ChunkLogProbs]:
-    from tqdm import tqdm
+    from quantmill.progress import LayerProgress
 
-    with tqdm(total=total, desc=label, unit="chunk", disable=not enabled, leave=False) as bar:
+    bar = LayerProgress(f"verify {label}", total, bars=enabled, unit="chunk")
+    try:
         for chunk in chunks:
             yield chunk
-            bar.update(1)
+            bar.advance()
+    finally:
+        bar.close()
 
 
 def prefetched(chunks: Iterator[ChunkLogProbs], depth: int = 2) -> Iterator[ChunkLogProbs]:

@@ -12,6 +12,7 @@ and ``config.json``'s ``quantization_config`` carry the same fields.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,14 +54,36 @@ class SpoolEntry:
 class BranchWriter:
     """Collects one branch's tensors in ``directory`` (a temporary branch directory)."""
 
-    def __init__(self, directory: Path, spec: BranchSpec) -> None:
+    def __init__(self, directory: Path, spec: BranchSpec, spool_path: Path | None = None) -> None:
         self.directory = Path(directory)
         self.spec = spec
-        self.spool_path = self.directory / SPOOL_NAME
+        self.spool_path = spool_path or self.directory / SPOOL_NAME  # elsewhere: kept by a layer checkpoint
         self._spool: BinaryIO | None = open(self.spool_path, "wb")
         self._size = 0
         self.entries: dict[str, SpoolEntry] = {}
         self.replaced: set[str] = set()  # source tensors that the packed ones stand for
+
+    def state(self) -> dict[str, Any]:
+        """What :meth:`restore` needs to continue this spool after a checkpoint (the spool is flushed to disk)."""
+        assert self._spool is not None, "writer already finished"
+        self._spool.flush()
+        os.fsync(self._spool.fileno())
+        return {"size": self._size, "replaced": sorted(self.replaced),
+                "entries": [[name, e.offset, list(e.tensor.shape), e.tensor.dtype] for name, e in self.entries.items()]}
+
+    @classmethod
+    def restore(cls, directory: Path, spec: BranchSpec, spool_path: Path, state: dict[str, Any]) -> BranchWriter:
+        """A writer continuing the spool at ``spool_path`` as it was when ``state`` was taken (later bytes dropped)."""
+        writer = cls.__new__(cls)
+        writer.directory, writer.spec, writer.spool_path = Path(directory), spec, spool_path
+        spool = open(spool_path, "r+b")
+        spool.truncate(state["size"])
+        spool.seek(state["size"])
+        writer._spool, writer._size = spool, int(state["size"])
+        writer.entries = {name: SpoolEntry(offset, OutputTensor(name, tuple(shape), dtype))
+                          for name, offset, shape, dtype in state["entries"]}
+        writer.replaced = set(state["replaced"])
+        return writer
 
     def add(self, name: str, array: np.ndarray) -> None:
         """Spool one tensor (int32 / float16 / float32 numpy array) under checkpoint name ``name``."""
@@ -103,7 +126,8 @@ class BranchWriter:
                 return blob
 
             names = write_checkpoint(self.directory, tensors, produce, max_shard_bytes)
-        self.spool_path.unlink()
+        if self.spool_path.parent == self.directory:  # a checkpoint's spool stays until the whole pass is done
+            self.spool_path.unlink()
         return names
 
     def abort(self) -> None:

@@ -24,6 +24,8 @@ Calibration sequences carry no padding, so every token counts in the Hessians.
 from __future__ import annotations
 
 import copy
+import logging
+import shutil
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -45,6 +47,8 @@ from quantmill.quantize.gptq.flows import Flow, GenericFlow, PreNormFlow
 from quantmill.quantize.gptq.packing import check_packable
 from quantmill.quantize.layerwise import DEFAULT_BATCH_TOKENS, LayerwiseRunner, release_freed_memory
 
+LOG = logging.getLogger("quantmill.gptq")
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
     from quantmill.convert.arch.base import DecoderSpec
     from quantmill.convert.safetensors_io import Checkpoint
     from quantmill.quantize.gptq.hessian import BlockedHessian as Hessian
+    from quantmill.quantize.resume import LayerCheckpoint, SavedLayers
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class EngineOptions:
     # glibc: serve every block >= 1 MiB by mmap (layerwise.bound_heap_growth). Measured here: no gain in
     # peak RSS for GPTQ (32 vs 8 random layers: 1.02x either way) but ~20% more time in page faults.
     bound_heap: bool = False
+    # layer checkpoints (quantmill.quantize.resume): after each decoder layer, so a killed pass resumes at its layer
+    checkpoint_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -210,45 +217,92 @@ def quantize_branches(
     results = [BranchResult(spec, out_dir / spec.name) for spec in branches]
     created = not out_dir.exists()
     try:
-        return _quantize_all(model_dir, calibration, out_dir, options, runner, results)
+        done = _quantize_all(model_dir, calibration, out_dir, options, runner, results)
     except BaseException:
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # the directory this call created for the branches, left empty by the error
         raise
+    if options.checkpoint_dir is not None:  # every branch is in place: the layer checkpoints are not needed again
+        shutil.rmtree(options.checkpoint_dir, ignore_errors=True)
+    return done
+
+
+def _fingerprint(runner: LayerwiseRunner, calibration: CalibrationSet, results: list[BranchResult],
+                 options: EngineOptions) -> dict[str, Any]:
+    """What a layer checkpoint of this pass must have been made for."""
+    from dataclasses import asdict
+
+    return {"pass": "gptq", "config": runner.raw_config, "calibration": calibration.record(),
+            "branches": [asdict(r.spec) for r in results], "fast_flow": options.fast_flow,
+            "batch_tokens": options.batch_tokens}
+
+
+def _checkpoint(checkpoint: LayerCheckpoint, next_layer: int, runs: list[_BranchRun], flow: Any) -> None:
+    arrays: dict[str, torch.Tensor] = {}
+    for i, run in enumerate(runs):
+        arrays[f"{i}/hidden"] = run.hidden
+        arrays.update({f"{i}/flow/{name}": t for name, t in flow.state(run.hidden).items()})
+    state = {"branches": [{"name": run.spec.name, "writer": run.writer.state(),
+                           "records": [{"name": r.name, **r.as_json()} for r in run.result.records]} for run in runs]}
+    checkpoint.save(next_layer, arrays, state)
+
+
+def _restore(saved: SavedLayers, runs: list[_BranchRun], flow: Any) -> None:
+    from quantmill.quantize.resume import as_tensor
+
+    for i, (run, branch) in enumerate(zip(runs, saved.state["branches"], strict=True)):
+        run.result.records = [LinearRecord(r["name"], tuple(r["shape"]), r["tokens"], r["loss"], r["damp_percent"],
+                                           r["hessian_dtype"], r["fallback"]) for r in branch["records"]]
+        run.hidden = as_tensor(saved.arrays[f"{i}/hidden"])
+        prefix = f"{i}/flow/"
+        flow.restore(run.hidden, {k.removeprefix(prefix): as_tensor(a) for k, a in saved.arrays.items() if k.startswith(prefix)})
 
 
 def _quantize_all(model_dir: Path, calibration: CalibrationSet, out_dir: Path, options: EngineOptions,
                   runner: LayerwiseRunner, results: list[BranchResult]) -> list[BranchResult]:
     import torch
-    from tqdm import tqdm
 
     from quantmill.convert.safetensors_io import Checkpoint
+    from quantmill.progress import LayerProgress
+    from quantmill.quantize.resume import LayerCheckpoint
 
+    checkpoint = LayerCheckpoint(options.checkpoint_dir, _fingerprint(runner, calibration, results, options))
     with ExitStack() as stack, torch.no_grad():
         ckpt = stack.enter_context(Checkpoint(model_dir))
         check_model(ckpt, runner)
         ensure_writable_dir(out_dir)
+        saved = checkpoint.load()
+        start = 0 if saved is None else saved.next_layer
         runs: list[_BranchRun] = []
-        for result in results:
-            writer = BranchWriter(stack.enter_context(atomic_dir(result.directory)), result.spec)
-            stack.callback(writer.abort)
+        for i, result in enumerate(results):
+            directory = stack.enter_context(atomic_dir(result.directory))
+            spool = checkpoint.path(f"spool-{i}") if checkpoint.enabled else None
+            writer = (BranchWriter(directory, result.spec, spool) if saved is None or spool is None else
+                      BranchWriter.restore(directory, result.spec, spool, saved.state["branches"][i]["writer"]))
             runs.append(_BranchRun(result.spec, torch.empty(0), writer, result))
-        runner._embed(ckpt)  # adapter: the runner's embedding step, one activation stream per branch
-        for i, run in enumerate(runs):
-            run.hidden = runner.hidden if i == len(runs) - 1 else runner.hidden.clone()
-        runner.hidden = torch.empty(0)
+            stack.callback(writer.abort)
         flow = flow_for(runner.decoder, options.fast_flow)
-        bar = tqdm(total=runner.n_layers * len(runs), desc="gptq", unit="layer", disable=not options.progress)
-        for index in range(runner.n_layers):
+        if saved is None:
+            runner._embed(ckpt)  # adapter: the runner's embedding step, one activation stream per branch
+            for i, run in enumerate(runs):
+                run.hidden = runner.hidden if i == len(runs) - 1 else runner.hidden.clone()
+        else:
+            runner._rotary()
+            _restore(saved, runs, flow)
+            LOG.info("gptq: resumed at layer %d of %d from %s", start, runner.n_layers, checkpoint.directory)
+        runner.hidden = torch.empty(0)
+        bar = LayerProgress(f"gptq ({len(runs)} branches)", runner.n_layers, start, bars=options.progress)
+        for index in range(start, runner.n_layers):
             float_layer = runner._load_layer(ckpt, index)  # adapter: one layer from the memory map
             for i, run in enumerate(runs):
                 layer = float_layer if i == len(runs) - 1 else copy.deepcopy(float_layer)
-                bar.set_postfix_str(f"{run.spec.name} layer {index}")
                 _quantize_layer(layer, index, run, runner, flow)
                 del layer
-                bar.update(1)
             del float_layer
+            if index + 1 < runner.n_layers:
+                _checkpoint(checkpoint, index + 1, runs, flow)
             release_freed_memory()
+            bar.advance(f"layer {index}")
         bar.close()
         for run in runs:
             run.hidden = torch.empty(0)

@@ -61,7 +61,18 @@ def _add(hessian: Hessian, x: torch.Tensor) -> None:
     hessian.add(x.reshape(-1, x.shape[-1]))
 
 
-class GenericFlow:
+class StatelessFlow:
+    """A flow that carries nothing from one layer to the next but the hidden states."""
+
+    def state(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the flow keeps for the branch of stream ``hidden`` across layers (for a layer checkpoint)."""
+        return {}
+
+    def restore(self, hidden: torch.Tensor, arrays: dict[str, torch.Tensor]) -> None:
+        """Take back :meth:`state` for the branch now streaming through ``hidden``."""
+
+
+class GenericFlow(StatelessFlow):
     """Any decoder layer, through forward pre-hooks on its linears."""
 
     def __init__(self, groups: tuple[tuple[str, ...], ...]) -> None:
@@ -149,7 +160,7 @@ def _capture_input(target: nn.Module, call: Callable[[], Any]) -> torch.Tensor:
     return captured[0]
 
 
-class PreNormFlow:
+class PreNormFlow(StatelessFlow):
     """A pre-norm residual layer walked piece by piece (see the module docstring)."""
 
     def __init__(self, layout: PreNormLayout) -> None:

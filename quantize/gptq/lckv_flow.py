@@ -50,6 +50,15 @@ class LckvFlow:
                 parts.append({i: store[i] for i in needed})
         return {i: (torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in needed}
 
+    def state(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The keys and values this branch's quantized layers computed so far (what later layers attend to)."""
+        store = self._streams.get(id(hidden), {})
+        return {f"{part}/{index}": kv[i] for index, kv in sorted(store.items()) for i, part in enumerate(("keys", "values"))}
+
+    def restore(self, hidden: torch.Tensor, arrays: dict[str, torch.Tensor]) -> None:
+        indices = sorted({int(name.split("/")[1]) for name in arrays})
+        self._streams[id(hidden)] = {i: (arrays[f"keys/{i}"], arrays[f"values/{i}"]) for i in indices}
+
     def run(self, layer: LckvDecoderLayer, hidden: torch.Tensor, runner: LayerwiseRunner, quantize: QuantizeGroup,
             true_sequential: bool) -> None:
         if self._float_kv is None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import atexit
 import gc
+import logging
+import sys
 
 import click
 
@@ -14,6 +16,7 @@ from quantmill import __version__
 from quantmill.cli import architectures, bake, calibrate, convert, default_release, init, merge, quantize, reproduce, run, verify
 from quantmill.errors import QuantmillError
 from quantmill.outputs import write_error
+from quantmill.progress import LOGGER_NAME as PROGRESS_LOGGER
 from quantmill.redact import redact
 
 COMMANDS: tuple[click.Command, ...] = (
@@ -30,8 +33,24 @@ def cli() -> None:
     """quantmill: reproducible model conversion, quantization and verification."""
 
 
+class _ProgressLines(logging.Handler):
+    """The library's progress lines on stderr (resolved at each line, so a replaced stderr is followed)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(redact(f"quantmill: {record.getMessage()}"), err=True)
+
+
+def show_progress_lines() -> None:
+    """When stderr is not a terminal (CI logs, nohup, a Ray worker), long work reports by plain lines, not bars."""
+    logger = logging.getLogger(PROGRESS_LOGGER)
+    if not sys.stderr.isatty() and not any(isinstance(h, _ProgressLines) for h in logger.handlers):
+        logger.addHandler(_ProgressLines(logging.INFO))
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     gc.freeze()  # what the imports made lives as long as the process: collections need not walk it again
+    show_progress_lines()
     try:
         cli.main(args=argv, prog_name="quantmill", standalone_mode=False)
     except QuantmillError as exc:

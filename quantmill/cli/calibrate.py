@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from quantmill.calib_data.bundled import BUNDLED_SPEC
+from quantmill.cli.options import checkpoint_dir_option
 
 
 @click.command("calibrate")
@@ -20,10 +21,11 @@ from quantmill.calib_data.bundled import BUNDLED_SPEC
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="imatrix file to write (e.g. imatrix.gguf)")
 @click.option("--device", default="cpu", show_default=True, help="torch device for the forward pass (cpu, cuda)")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+@checkpoint_dir_option
 @click.option("--no-progress", is_flag=True, help="hide the per-layer progress bar")
 def calibrate(
     model_dir: Path, calib: str, text_field: str, calib_samples: int, calib_seqlen: int, seed: int,
-    out: Path, device: str, threads: int | None, no_progress: bool,
+    out: Path, device: str, threads: int | None, checkpoint_dir: Path | None, no_progress: bool,
 ) -> None:
     """Run the calibration text through MODEL_DIR layer by layer and write its importance matrix."""
     from quantmill.quantize.calibrate import calibrate_imatrix
@@ -34,7 +36,7 @@ def calibrate(
         torch.set_num_threads(threads)
     result = calibrate_imatrix(
         model_dir, calib, out, samples=calib_samples, seqlen=calib_seqlen, seed=seed,
-        text_field=text_field, device=device, progress=not no_progress,
+        text_field=text_field, device=device, progress=not no_progress, checkpoint_dir=checkpoint_dir,
     )
     cal = result.calibration
     click.echo(f"wrote {result.output}: {len(result.imatrix.entries)} tensors, "

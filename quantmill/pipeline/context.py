@@ -65,6 +65,7 @@ class StageContext:
     release_name: str  # checkpoints live in ``<stage dir>/<release name>``, GGUF files are named after it
     paths: dict[str, Path]  # the files it reads from outside the work directory, by role (hashed by content)
     progress: bool = False
+    checkpoints: Path | None = None  # layer checkpoints of a layer-by-layer stage, kept across kills (None: none)
 
     def checkpoint(self, stage: str) -> Path:
         """The checkpoint made by the model stage ``stage`` (source / merge / bake)."""

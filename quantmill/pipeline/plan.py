@@ -22,6 +22,7 @@ from quantmill.recipe import BundledSource, HubSource, LoadedRecipe, LocalSource
 
 STAGES_DIR = "stages"
 DONE_FILE = ".stage.json"
+CHECKPOINTS_DIR = ".checkpoints"
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class Node:
 
     def directory(self, work_dir: Path) -> Path:
         return work_dir / STAGES_DIR / f"{self.name}-{self.key[:16]}"
+
+    def checkpoints(self, work_dir: Path) -> Path:
+        """Where the stage keeps its layer checkpoints while it runs (kept across kills, removed when it is done)."""
+        return work_dir / STAGES_DIR / CHECKPOINTS_DIR / self.directory(work_dir).name
 
     def is_done(self, work_dir: Path) -> bool:
         return (self.directory(work_dir) / DONE_FILE).is_file()

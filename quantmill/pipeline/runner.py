@@ -26,13 +26,16 @@ from quantmill.manifest import MANIFEST, file_records
 from quantmill.pipeline.capabilities import check_capabilities
 from quantmill.pipeline.context import StageContext, link_or_copy
 from quantmill.pipeline.estimate import disk_needed, free_bytes, plan_table
-from quantmill.pipeline.plan import DONE_FILE, STAGES_DIR, Node, Plan, build_plan
+from quantmill.pipeline.plan import CHECKPOINTS_DIR, DONE_FILE, STAGES_DIR, Node, Plan, build_plan
 from quantmill.pipeline.stages import STAGES
+from quantmill.progress import LOGGER_NAME as PROGRESS_LOGGER
+from quantmill.progress import duration
 from quantmill.recipe import LoadedRecipe
 from quantmill.recipe_load import check_release_output
 from quantmill.redact import RedactingFormatter
 
 LOG = logging.getLogger("quantmill.pipeline")
+PROGRESS = logging.getLogger(PROGRESS_LOGGER)
 LOG_FILE = "quantmill.log"
 LOCK_FILE = ".lock"
 
@@ -133,9 +136,16 @@ def _log_file(work_dir: Path) -> Iterator[None]:
         handler.close()
 
 
-def remove_stale_temporaries(work_dir: Path) -> list[str]:
-    """Temporary directories and files that a killed run left behind (``.*.part``)."""
+def remove_stale_temporaries(work_dir: Path, plan: Plan | None = None) -> list[str]:
+    """Temporary directories and files that a killed run left behind (``.*.part``), and layer checkpoints of
+    stages that are no longer in ``plan`` (a changed recipe)."""
     removed = []
+    held = work_dir / STAGES_DIR / CHECKPOINTS_DIR
+    if plan is not None and held.is_dir():
+        keep = {node.checkpoints(work_dir).name for node in plan.nodes}
+        for path in sorted(p for p in held.iterdir() if p.name not in keep):
+            shutil.rmtree(path)
+            removed.append(f"{CHECKPOINTS_DIR}/{path.name}")
     for parent in (work_dir / STAGES_DIR, work_dir):
         if not parent.is_dir():
             continue
@@ -149,11 +159,19 @@ def _run_node(plan: Plan, node: Node, work_dir: Path, progress: bool) -> None:
     deps = [plan.node(dep) for dep in node.deps]
     inputs = {dep.name: dep.directory(work_dir) for dep in deps}
     outputs = tuple((inputs[dep.name] / out.src, out) for dep in deps for out in STAGES[dep.kind].outputs(dep.params))
+    checkpoints = node.checkpoints(work_dir)
+    if checkpoints.is_dir():
+        LOG.info("stage %s: layer checkpoints of an interrupted run found in %s", node.name, checkpoints)
     with atomic_dir(node.directory(work_dir)) as tmp:
-        STAGES[node.kind].run(StageContext(tmp, inputs, outputs, plan.release_name, node.paths, progress), node.params)
+        STAGES[node.kind].run(StageContext(tmp, inputs, outputs, plan.release_name, node.paths, progress, checkpoints),
+                              node.params)
         done = {"name": node.name, "kind": node.kind, "key": node.key, "params": node.params.model_dump(mode="json"),
                 "deps": list(node.deps), "files": {k: v["sha256"] for k, v in file_records(tmp, skip=()).items()}}
         (tmp / DONE_FILE).write_text(json.dumps(done, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if checkpoints.is_dir():  # the stage is done: its checkpoints are not needed again
+        shutil.rmtree(checkpoints)
+    with contextlib.suppress(OSError):
+        checkpoints.parent.rmdir()  # when it exists and no other stage holds checkpoints
 
 
 def export_release(release_stage: Path, output_dir: Path) -> bool:
@@ -185,7 +203,7 @@ def run_recipe(loaded: LoadedRecipe, *, dry_run: bool = False, progress: bool = 
     work_dir.mkdir(parents=True, exist_ok=True)
     with _locked(work_dir), _log_file(work_dir):
         LOG.info("run %s (%d stages, threads %d)", loaded.path, len(plan.nodes), loaded.recipe.threads)
-        for name in remove_stale_temporaries(work_dir):
+        for name in remove_stale_temporaries(work_dir, plan):
             LOG.info("removed %s left by an interrupted run", name)
         _set_threads(loaded.recipe.threads)
         _run_all(plan, report, work_dir, progress)
@@ -208,6 +226,10 @@ def run_recipe(loaded: LoadedRecipe, *, dry_run: bool = False, progress: bool = 
     return report
 
 
+def _eta(seconds: float | None) -> str:
+    return "unknown" if seconds is None else duration(seconds)
+
+
 def _run_all(plan: Plan, report: RunReport, work_dir: Path, progress: bool) -> None:
     from tqdm import tqdm
 
@@ -222,6 +244,9 @@ def _run_all(plan: Plan, report: RunReport, work_dir: Path, progress: bool) -> N
                 continue
             bar.set_postfix_str(node.name)
             LOG.info("stage %s (%s) started", node.name, node.key[:16])
+            left = sum(rows[n.name]["estimated_seconds"] or 0 for n in todo[todo.index(node):])
+            PROGRESS.info("stage %d/%d %s started here (estimated %s; release ETA %s)", plan.nodes.index(node) + 1,
+                          len(plan.nodes), node.name, _eta(row["estimated_seconds"]), _eta(left))
             started = time.perf_counter()
             try:
                 _run_node(plan, node, work_dir, progress)
@@ -231,4 +256,6 @@ def _run_all(plan: Plan, report: RunReport, work_dir: Path, progress: bool) -> N
             row["status"] = "ran"
             row["seconds"] = round(time.perf_counter() - started, 2)
             LOG.info("stage %s finished in %.1f s", node.name, row["seconds"])
+            PROGRESS.info("stage %d/%d %s finished in %s", plan.nodes.index(node) + 1, len(plan.nodes), node.name,
+                          duration(row["seconds"]))
             bar.update(1)

@@ -19,7 +19,7 @@ def run(ctx: StageContext, params: GptqParams) -> None:
 
     calibration = load_calibration(ctx.inputs[params.calibration])
     quantize_branches(ctx.checkpoint(params.model), calibration, list(params.branches), ctx.out,
-                      EngineOptions(progress=ctx.progress))
+                      EngineOptions(progress=ctx.progress, checkpoint_dir=ctx.checkpoints))
 
 
 def outputs(params: GptqParams) -> list[Output]:

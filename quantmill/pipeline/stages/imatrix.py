@@ -18,7 +18,8 @@ def run(ctx: StageContext, params: ImatrixParams) -> None:
     from quantmill.quantize.stats import collect_importance
 
     calibration = load_calibration(ctx.inputs[params.calibration])
-    stats = collect_importance(ctx.checkpoint(params.model), calibration, progress=ctx.progress)
+    stats = collect_importance(ctx.checkpoint(params.model), calibration, progress=ctx.progress,
+                               checkpoint_dir=ctx.checkpoints)
     write_imatrix(imatrix_from_stats(stats, calibration), ctx.out / IMATRIX_NAME)
 
 
