@@ -50,6 +50,7 @@ class ModelSize:
 class Estimate:
     bytes: int
     seconds: float
+    memory: int | None = None  # predicted peak resident memory of the stage's process, bytes (None: not modelled)
 
     @classmethod
     def of(cls, size: ModelSize, nbytes: float, seconds_per_mparam: float) -> Estimate:
