@@ -65,6 +65,7 @@ def calibrate_imatrix(
     device: str = "cpu",
     progress: bool = True,
     checkpoint_dir: Path | None = None,
+    max_memory: int | None = None,
 ) -> CalibrateResult:
     """Write the importance matrix of ``model_dir`` on ``calib`` to ``out`` (GGUF imatrix, atomic)."""
     from quantmill.quantize.stats import collect_importance
@@ -78,7 +79,8 @@ def calibrate_imatrix(
     if Path(model_dir).is_dir():
         arch_for(Path(model_dir), read_config(Path(model_dir)), "statistics")  # the family can run the pass, before any work
     calibration = prepare_calibration(model_dir, calib, samples, seqlen, seed, text_field, progress=progress)
-    stats = collect_importance(Path(model_dir), calibration, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
+    stats = collect_importance(Path(model_dir), calibration, device=device, progress=progress, checkpoint_dir=checkpoint_dir,
+                               max_memory=max_memory)
     imatrix = imatrix_from_stats(stats, calibration)
     write_imatrix(imatrix, out)
     return CalibrateResult(out, calibration, imatrix)

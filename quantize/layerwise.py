@@ -33,6 +33,7 @@ from quantmill.convert.arch import for_config
 from quantmill.convert.arch.fields import check_fields
 from quantmill.errors import InputFileError, UserInputError
 from quantmill.jsonio import read_json_object
+from quantmill.quantize.spill import StreamFile
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 
 Observer = Callable[["torch.Tensor"], None]
 DEFAULT_BATCH_TOKENS = 4096
+KEEP_BYTES = 2 << 30  # a flow's inputs kept between its passes up to this size (in memory)
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -115,6 +117,22 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+class Batches:
+    """Sample slices, re-iterable; after each slice, the runner drops that slice's pages of its spilled streams."""
+
+    def __init__(self, slices: list[slice], runner: LayerwiseRunner) -> None:
+        self.slices, self.runner = slices, runner
+
+    def __iter__(self) -> Iterator[slice]:
+        for rows in self.slices:
+            yield rows
+            if self.runner.streams:
+                self.runner.release(rows)
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+
 class DecoderLayerStep:
     """One decoder layer, loaded, with the hidden states of every calibration sequence."""
 
@@ -153,8 +171,8 @@ class DecoderLayerStep:
         try:
             hidden = self.runner.hidden
             with torch.inference_mode():
-                for start in range(0, hidden.shape[0], self.runner.batch_size):
-                    batch = hidden[start : start + self.runner.batch_size]
+                for rows in self.runner.batches(hidden.shape[0]):
+                    batch = hidden[rows]
                     out = self.runner.forward_layer(self.module, batch)
                     if update:
                         batch.copy_(out)
@@ -178,6 +196,7 @@ class LayerwiseRunner:
         progress: bool = True,
         desc: str = "layers",
         capability: str = "statistics",
+        spill_dir: Path | None = None,
     ) -> None:
         import torch
 
@@ -202,6 +221,49 @@ class LayerwiseRunner:
         self.n_layers = int(self.config.num_hidden_layers)
         self.hidden: torch.Tensor = torch.empty(0)
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        # spilling (quantmill.quantize.spill): activation streams in memory-mapped files under spill_dir
+        self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        self.streams: dict[str, StreamFile] = {}
+        self.keep_bytes = KEEP_BYTES if spill_dir is None else 0  # inputs kept between a flow's passes, else recomputed
+
+    @property
+    def spilling(self) -> bool:
+        return self.spill_dir is not None
+
+    def batches(self, samples: int) -> Batches:
+        """The sample slices of one pass over the streams; each slice's pages of spilled streams are released after it."""
+        return Batches([slice(s, min(s + self.batch_size, samples)) for s in range(0, samples, self.batch_size)], self)
+
+    def new_stream(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A float32 buffer of ``shape`` (samples first): in memory, or spilled to ``spill_dir/name.npy``."""
+        import torch
+
+        if self.spill_dir is None:
+            return torch.empty(shape, dtype=torch.float32, device=self.device)
+        self.drop_stream(name)
+        return self.adopt_stream(name, StreamFile.create(self.spill_dir / f"{name}.npy", shape))
+
+    def adopt_stream(self, name: str, stream: StreamFile) -> torch.Tensor:
+        self.streams[name] = stream
+        return stream.tensor
+
+    def stream_file(self, tensor: torch.Tensor) -> StreamFile | None:
+        """The spilled stream whose tensor ``tensor`` is (None: it lives in memory)."""
+        return next((f for f in self.streams.values() if f.tensor is tensor), None)
+
+    def drop_stream(self, name: str) -> None:
+        stream = self.streams.pop(name, None)
+        if stream is not None:
+            stream.close()
+            stream.path.unlink(missing_ok=True)
+
+    def release(self, rows: slice) -> None:
+        for stream in self.streams.values():
+            stream.release(rows)
+
+    def drop_streams(self) -> None:
+        for name in sorted(self.streams):
+            self.drop_stream(name)
 
     def position_embeddings(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self._cos_sin  # type: ignore[misc]
@@ -228,7 +290,12 @@ class LayerwiseRunner:
         unique, inverse = np.unique(self.token_ids, return_inverse=True)
         table = _tensor(ckpt, name, self.dtype, self.device, rows=unique)
         index = torch.from_numpy(inverse.reshape(self.token_ids.shape)).to(self.device)
-        self.hidden = table[index]
+        if self.spilling:
+            self.hidden = self.new_stream("hidden", (*self.token_ids.shape, table.shape[1]))
+            for part in self.batches(self.token_ids.shape[0]):
+                self.hidden[part] = table[index[part]]
+        else:
+            self.hidden = table[index]
         del table, index
         self._rotary()
 
@@ -291,3 +358,4 @@ class LayerwiseRunner:
                 release_freed_memory()
             bar.close()
         self.hidden = self.hidden.new_empty(0)
+        self.drop_stream("hidden")

@@ -29,6 +29,7 @@ import numpy as np
 
 from quantmill.atomic import temporary_next_to
 from quantmill.jsonio import read_json_object
+from quantmill.quantize.spill import StreamFile
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +46,7 @@ class SavedLayers:
     next_layer: int
     arrays: dict[str, np.ndarray]  # memory-mapped, read-only; copy what must change
     state: dict[str, Any]
+    files: dict[str, Path]  # each array's .npy file (to copy a spilled stream back without reading it)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -75,11 +77,15 @@ class LayerCheckpoint:
             LOG.info("%s: checkpoint made for other inputs; starting from layer 0", self.directory)
             self.clear()
             return None
-        arrays = {name: np.load(self.directory / file, mmap_mode="r") for name, file in saved["arrays"].items()}
-        return SavedLayers(int(saved["next_layer"]), arrays, saved["state"])
+        files = {name: self.directory / file for name, file in saved["arrays"].items()}
+        arrays = {name: np.load(path, mmap_mode="r") for name, path in files.items()}
+        return SavedLayers(int(saved["next_layer"]), arrays, saved["state"], files)
 
-    def save(self, next_layer: int, arrays: Mapping[str, torch.Tensor | np.ndarray], state: dict[str, Any]) -> None:
-        """Commit the state after layer ``next_layer - 1``: arrays first, then state.json by rename."""
+    def save(self, next_layer: int, arrays: Mapping[str, torch.Tensor | np.ndarray | StreamFile], state: dict[str, Any]) -> None:
+        """Commit the state after layer ``next_layer - 1``: arrays first, then state.json by rename.
+
+        A spilled stream (:class:`~quantmill.quantize.spill.StreamFile`) is copied file to file, never read into memory.
+        """
         if self.directory is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -87,11 +93,16 @@ class LayerCheckpoint:
         files: dict[str, str] = {}
         for i, (name, value) in enumerate(sorted(arrays.items())):
             file = f"layer{next_layer:05d}-{i:04d}.npy"
-            data = value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
-            with open(self.directory / file, "wb") as handle:
-                np.save(handle, np.ascontiguousarray(data), allow_pickle=False)
-                handle.flush()
-                os.fsync(handle.fileno())
+            if isinstance(value, StreamFile):
+                value.save_to(self.directory / file)
+                with open(self.directory / file, "rb+") as handle:
+                    os.fsync(handle.fileno())
+            else:
+                data = value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
+                with open(self.directory / file, "wb") as handle:
+                    np.save(handle, np.ascontiguousarray(data), allow_pickle=False)
+                    handle.flush()
+                    os.fsync(handle.fileno())
             files[name] = file
         record = {"format": FORMAT, "fingerprint": self.fingerprint, "next_layer": next_layer, "arrays": files,
                   "state": state}

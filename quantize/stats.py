@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
 
     from quantmill.calib_data.sampling import CalibrationSet
     from quantmill.convert.arch.base import Architecture
-    from quantmill.quantize.layerwise import DecoderLayerStep, Observer
+    from quantmill.quantize.layerwise import DecoderLayerStep, LayerwiseRunner, Observer
+    from quantmill.quantize.resume import LayerCheckpoint
 
 
 class InputCollector(Protocol):
@@ -168,15 +170,45 @@ class ImportanceStats:
 
 
 def collect_importance(model_dir: Path, calib: CalibrationSet, *, device: str = "cpu", progress: bool = True,
-                       checkpoint_dir: Path | None = None) -> ImportanceStats:
+                       checkpoint_dir: Path | None = None, max_memory: int | None = None) -> ImportanceStats:
     """The importance matrix of every decoder linear, from one layer-by-layer pass.
 
     With ``checkpoint_dir``, the hidden states and the sums so far are checkpointed after every decoder
     layer (:mod:`quantmill.quantize.resume`); a pass killed mid-way resumes at its first unfinished layer.
+    With ``max_memory`` (bytes) the activation stream is spilled to disk when it would not fit (in the
+    checkpoint directory, else in the system's temporary directory); the result does not depend on it.
     """
+    with ExitStack() as stack:
+        return _collect_importance(stack, model_dir, calib, device, progress, checkpoint_dir, max_memory)
+
+
+def _spill_dir(stack: ExitStack, runner: LayerwiseRunner, calib: CalibrationSet, checkpoint: LayerCheckpoint,
+               max_memory: int | None) -> Path | None:
+    import tempfile
+
+    from quantmill.convert.safetensors_io import Checkpoint
+    from quantmill.quantize.cost import PassShape, layer_params, needs_spill, statistics_peak
+
+    if max_memory is None:
+        return None
+    with Checkpoint(runner.model_dir) as ckpt:
+        params = layer_params(ckpt.entries, runner.decoder.layer_prefix.format(index=0))
+    shape = PassShape.of(runner.config, params, calib.samples, calib.seqlen, runner.batch_size * calib.seqlen)
+    if not needs_spill("statistics", statistics_peak(shape, False), statistics_peak(shape, True), max_memory, runner.model_dir):
+        return None
+    if checkpoint.enabled:
+        directory = checkpoint.path("streams")
+        directory.mkdir(exist_ok=True)
+        return directory
+    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quantmill-spill-")))
+
+
+def _collect_importance(stack: ExitStack, model_dir: Path, calib: CalibrationSet, device: str, progress: bool,
+                        checkpoint_dir: Path | None, max_memory: int | None) -> ImportanceStats:
     from quantmill.progress import LayerProgress
     from quantmill.quantize.layerwise import LayerwiseRunner, arch_for, read_config
     from quantmill.quantize.resume import LayerCheckpoint, as_tensor
+    from quantmill.quantize.spill import StreamFile
 
     config = read_config(model_dir)
     arch = arch_for(model_dir, config)
@@ -185,10 +217,17 @@ def collect_importance(model_dir: Path, calib: CalibrationSet, *, device: str = 
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     runner = LayerwiseRunner(model_dir, calib.token_ids, device=device, progress=False, desc="statistics")
-    start, hidden = 0, None
     saved = checkpoint.load()
+    runner.spill_dir = _spill_dir(stack, runner, calib, checkpoint, max_memory)
+    stack.callback(runner.drop_streams)
+    start, hidden = 0, None
     if saved is not None:
-        start, hidden = saved.next_layer, as_tensor(saved.arrays.pop("hidden"))
+        start = saved.next_layer
+        if runner.spill_dir is not None:
+            hidden = runner.adopt_stream("hidden", StreamFile.copy_of(saved.files.pop("hidden"), runner.spill_dir / "hidden.npy"))
+            saved.arrays.pop("hidden")
+        else:
+            hidden = as_tensor(saved.arrays.pop("hidden"))
         sums = {name.removeprefix("sum_squares/"): np.array(a) for name, a in saved.arrays.items()}
         counts = {name: int(n) for name, n in saved.state["counts"].items()}
         LOG.info("statistics: resumed at layer %d of %d from %s", start, runner.n_layers, checkpoint.directory)
@@ -202,7 +241,8 @@ def collect_importance(model_dir: Path, calib: CalibrationSet, *, device: str = 
             sums[name] = collector.values()
             counts[name] = collector.count
         if step.index + 1 < runner.n_layers:  # what the next layer needs; after the last one the caller writes the result
-            checkpoint.save(step.index + 1, {"hidden": runner.hidden, **{f"sum_squares/{n}": a for n, a in sums.items()}},
+            stream = runner.stream_file(runner.hidden) or runner.hidden
+            checkpoint.save(step.index + 1, {"hidden": stream, **{f"sum_squares/{n}": a for n, a in sums.items()}},
                             {"counts": counts})
         bar.advance(f"layer {step.index}")
     bar.close()

@@ -271,6 +271,18 @@ class HubTarget(_Strict):
 PublishTarget = Annotated[GitTarget | HubTarget, Field(discriminator="kind")]
 
 
+class Resources(_Strict):
+    """What the run may use. ``memory``: the peak resident memory a layer-by-layer stage must stay under (e.g. 20GB);
+    above it the activation streams are spilled to disk. It never changes an output byte, so it is not in a stage key."""
+
+    memory: int | str | None = None
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: int | str | None) -> int | None:
+        return None if value is None else parse_size(value)
+
+
 class Recipe(_Strict):
     """One release. ``root`` (not a field) is the directory relative paths are resolved against."""
 
@@ -288,6 +300,7 @@ class Recipe(_Strict):
     work_dir: Path = Path("work")
     output: Path = Path("release")
     threads: int = Field(default=2, ge=1, le=256)
+    resources: Resources = Resources()
     disk_reserve: int | str = 0
 
     @field_validator("source", mode="before")

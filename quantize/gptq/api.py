@@ -63,6 +63,7 @@ def quantize_gptq(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
     checkpoint_dir: Path | None = None,
+    max_memory: int | None = None,
 ) -> GptqRun:
     """Write one GPTQ branch per spec into ``out_dir/<branch name>`` (cheap checks first, then one pass)."""
     from quantmill.quantize.calibrate import prepare_calibration
@@ -73,5 +74,6 @@ def quantize_gptq(
     _check_out(Path(model_dir), calib, Path(out_dir), [b.name for b in branches])
     check_input(Path(model_dir))
     calibration = prepare_calibration(Path(model_dir), calib, samples, seqlen, seed, text_field)
-    options = EngineOptions(device=device, max_shard_bytes=max_shard_bytes, progress=progress, checkpoint_dir=checkpoint_dir)
+    options = EngineOptions(device=device, max_shard_bytes=max_shard_bytes, progress=progress, checkpoint_dir=checkpoint_dir,
+                            max_memory=max_memory)
     return GptqRun(calibration, quantize_branches(Path(model_dir), calibration, branches, Path(out_dir), options))

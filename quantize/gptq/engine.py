@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+import tempfile
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
     from quantmill.convert.safetensors_io import Checkpoint
     from quantmill.quantize.gptq.hessian import BlockedHessian as Hessian
     from quantmill.quantize.resume import LayerCheckpoint, SavedLayers
+    from quantmill.quantize.spill import StreamFile
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ class EngineOptions:
     bound_heap: bool = False
     # layer checkpoints (quantmill.quantize.resume): after each decoder layer, so a killed pass resumes at its layer
     checkpoint_dir: Path | None = None
+    # peak resident memory the pass must stay under (bytes; None: no budget): above it the activation streams are
+    # spilled to memory-mapped files (quantmill.quantize.spill); the output bytes do not depend on it
+    max_memory: int | None = None
 
 
 @dataclass(frozen=True)
@@ -237,23 +242,57 @@ def _fingerprint(runner: LayerwiseRunner, calibration: CalibrationSet, results: 
             "batch_tokens": options.batch_tokens}
 
 
-def _checkpoint(checkpoint: LayerCheckpoint, next_layer: int, runs: list[_BranchRun], flow: Any) -> None:
-    arrays: dict[str, torch.Tensor] = {}
+def plan_memory(ckpt: Checkpoint, runner: LayerwiseRunner, calibration: CalibrationSet, branches: int,
+                options: EngineOptions) -> bool:
+    """Whether the activation streams must be spilled to fit ``options.max_memory``; refuses a budget nothing fits."""
+    from quantmill.quantize.cost import PassShape, gptq_peak, layer_params, needs_spill
+    from quantmill.quantize.layerwise import KEEP_BYTES
+
+    params = layer_params(ckpt.entries, runner.decoder.layer_prefix.format(index=0))
+    shape = PassShape.of(runner.config, params, calibration.samples, calibration.seqlen, options.batch_tokens)
+    return needs_spill("gptq", gptq_peak(shape, branches, False, KEEP_BYTES), gptq_peak(shape, branches, True, 0),
+                       options.max_memory, runner.model_dir)
+
+
+def _branch_streams(runner: LayerwiseRunner, branches: int) -> list[torch.Tensor]:
+    """One activation stream per branch from the embedded one (in memory: clones; spilled: file copies)."""
+    from quantmill.quantize.spill import StreamFile
+
+    if not runner.spilling:
+        return [runner.hidden if i == branches - 1 else runner.hidden.clone() for i in range(branches)]
+    assert runner.spill_dir is not None
+    source = runner.streams.pop("hidden")
+    streams = []
+    for i in range(branches - 1):
+        path = runner.spill_dir / f"hidden-{i}.npy"
+        source.save_to(path)
+        streams.append(runner.adopt_stream(f"hidden-{i}", StreamFile(path)))
+    return [*streams, runner.adopt_stream(f"hidden-{branches - 1}", source)]
+
+
+def _checkpoint(checkpoint: LayerCheckpoint, next_layer: int, runs: list[_BranchRun], flow: Any,
+                runner: LayerwiseRunner) -> None:
+    arrays: dict[str, torch.Tensor | StreamFile] = {}
     for i, run in enumerate(runs):
-        arrays[f"{i}/hidden"] = run.hidden
+        arrays[f"{i}/hidden"] = runner.stream_file(run.hidden) or run.hidden
         arrays.update({f"{i}/flow/{name}": t for name, t in flow.state(run.hidden).items()})
     state = {"branches": [{"name": run.spec.name, "writer": run.writer.state(),
                            "records": [{"name": r.name, **r.as_json()} for r in run.result.records]} for run in runs]}
     checkpoint.save(next_layer, arrays, state)
 
 
-def _restore(saved: SavedLayers, runs: list[_BranchRun], flow: Any) -> None:
+def _restore(saved: SavedLayers, runs: list[_BranchRun], flow: Any, runner: LayerwiseRunner) -> None:
     from quantmill.quantize.resume import as_tensor
+    from quantmill.quantize.spill import StreamFile
 
     for i, (run, branch) in enumerate(zip(runs, saved.state["branches"], strict=True)):
         run.result.records = [LinearRecord(r["name"], tuple(r["shape"]), r["tokens"], r["loss"], r["damp_percent"],
                                            r["hessian_dtype"], r["fallback"]) for r in branch["records"]]
-        run.hidden = as_tensor(saved.arrays[f"{i}/hidden"])
+        if runner.spill_dir is not None:
+            copy = StreamFile.copy_of(saved.files[f"{i}/hidden"], runner.spill_dir / f"hidden-{i}.npy")
+            run.hidden = runner.adopt_stream(f"hidden-{i}", copy)
+        else:
+            run.hidden = as_tensor(saved.arrays[f"{i}/hidden"])
         prefix = f"{i}/flow/"
         flow.restore(run.hidden, {k.removeprefix(prefix): as_tensor(a) for k, a in saved.arrays.items() if k.startswith(prefix)})
 
@@ -282,13 +321,19 @@ def _quantize_all(model_dir: Path, calibration: CalibrationSet, out_dir: Path, o
             runs.append(_BranchRun(result.spec, torch.empty(0), writer, result))
             stack.callback(writer.abort)
         flow = flow_for(runner.decoder, options.fast_flow)
+        if plan_memory(ckpt, runner, calibration, len(runs), options):
+            spill_dir = (checkpoint.path("streams") if checkpoint.enabled else
+                         Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".spill-", suffix=".part", dir=out_dir))))
+            spill_dir.mkdir(exist_ok=True)
+            runner.spill_dir, runner.keep_bytes = spill_dir, 0
+            stack.callback(runner.drop_streams)
         if saved is None:
             runner._embed(ckpt)  # adapter: the runner's embedding step, one activation stream per branch
-            for i, run in enumerate(runs):
-                run.hidden = runner.hidden if i == len(runs) - 1 else runner.hidden.clone()
+            for run, stream in zip(runs, _branch_streams(runner, len(runs)), strict=True):
+                run.hidden = stream
         else:
             runner._rotary()
-            _restore(saved, runs, flow)
+            _restore(saved, runs, flow, runner)
             LOG.info("gptq: resumed at layer %d of %d from %s", start, runner.n_layers, checkpoint.directory)
         runner.hidden = torch.empty(0)
         bar = LayerProgress(f"gptq ({len(runs)} branches)", runner.n_layers, start, bars=options.progress)
@@ -300,12 +345,13 @@ def _quantize_all(model_dir: Path, calibration: CalibrationSet, out_dir: Path, o
                 del layer
             del float_layer
             if index + 1 < runner.n_layers:
-                _checkpoint(checkpoint, index + 1, runs, flow)
+                _checkpoint(checkpoint, index + 1, runs, flow, runner)
             release_freed_memory()
             bar.advance(f"layer {index}")
         bar.close()
         for run in runs:
             run.hidden = torch.empty(0)
+        runner.drop_streams()
         release_freed_memory()
         for run in runs:
             _finish_branch(run, ckpt, model_dir, runner, calibration, options)

@@ -27,18 +27,17 @@ if TYPE_CHECKING:
 
     from quantmill.convert.arch.base import PreNormLayout
     from quantmill.quantize.gptq.hessian import BlockedHessian as Hessian
-    from quantmill.quantize.layerwise import LayerwiseRunner
+    from quantmill.quantize.layerwise import Batches, LayerwiseRunner
 
 QuantizeGroup = Callable[[Sequence[str], dict[str, "Hessian"]], None]
-KEEP_BYTES = 2 << 30  # down_proj inputs kept between passes up to this size
 
 
 class _StopForward(Exception):
     """Raised by a hook once every input it waits for has been seen: the rest of the forward is skipped."""
 
 
-def _batches(hidden: torch.Tensor, runner: LayerwiseRunner) -> list[slice]:
-    return [slice(s, min(s + runner.batch_size, hidden.shape[0])) for s in range(0, hidden.shape[0], runner.batch_size)]
+def _batches(hidden: torch.Tensor, runner: LayerwiseRunner) -> Batches:
+    return runner.batches(hidden.shape[0])
 
 
 def _new_hessian(width: int, device: torch.device) -> Hessian:
@@ -180,24 +179,24 @@ class PreNormFlow(StatelessFlow):
             h_in = hessian_of(attn_norm(hidden[rows]) for rows in batches)
         quantize(lay.attn_in, dict.fromkeys(lay.attn_in, h_in))
         del h_in
+        attn_inputs = runner.new_stream("attn-inputs", (*hidden.shape[:2], cast("nn.Linear", attn_out).in_features))
         with torch.inference_mode():
-            attn_inputs = [
-                _capture_input(attn_out, partial(lambda r: attn(
+            for rows in batches:
+                attn_inputs[rows] = _capture_input(attn_out, partial(lambda r: attn(
                     hidden_states=attn_norm(hidden[r]), attention_mask=None,
                     position_embeddings=runner.position_embeddings(r.stop - r.start)), rows))
-                for rows in batches
-            ]
-            h_out = hessian_of(attn_inputs)
+            h_out = hessian_of(attn_inputs[rows] for rows in batches)
         quantize((lay.attn_out,), {lay.attn_out: h_out})
         del h_out
         with torch.inference_mode():
-            for rows, x in zip(batches, attn_inputs, strict=True):
-                hidden[rows] += attn_out(x)  # h' = h + attn(norm1(h)), with the quantized o_proj
+            for rows in batches:
+                hidden[rows] += attn_out(attn_inputs[rows])  # h' = h + attn(norm1(h)), with the quantized o_proj
             del attn_inputs
+            runner.drop_stream("attn-inputs")
             h_mlp = hessian_of(mlp_norm(hidden[rows]) for rows in batches)
         quantize(lay.mlp_in, dict.fromkeys(lay.mlp_in, h_mlp))
         del h_mlp
-        keep = hidden[..., :1].numel() * cast("nn.Linear", mlp_out).in_features * hidden.element_size() <= KEEP_BYTES
+        keep = hidden[..., :1].numel() * cast("nn.Linear", mlp_out).in_features * hidden.element_size() <= runner.keep_bytes
         with torch.inference_mode():
             kept: list[torch.Tensor] = []
             h_down: Hessian | None = None

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from quantmill.calib_data.bundled import BUNDLED_SPEC
-from quantmill.cli.options import checkpoint_dir_option
+from quantmill.cli.options import checkpoint_dir_option, max_memory_option
 
 
 @click.command("calibrate")
@@ -22,10 +22,12 @@ from quantmill.cli.options import checkpoint_dir_option
 @click.option("--device", default="cpu", show_default=True, help="torch device for the forward pass (cpu, cuda)")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 @checkpoint_dir_option
+@max_memory_option
 @click.option("--no-progress", is_flag=True, help="hide the per-layer progress bar")
 def calibrate(
     model_dir: Path, calib: str, text_field: str, calib_samples: int, calib_seqlen: int, seed: int,
-    out: Path, device: str, threads: int | None, checkpoint_dir: Path | None, no_progress: bool,
+    out: Path, device: str, threads: int | None, checkpoint_dir: Path | None, max_memory: int | None,
+    no_progress: bool,
 ) -> None:
     """Run the calibration text through MODEL_DIR layer by layer and write its importance matrix."""
     from quantmill.quantize.calibrate import calibrate_imatrix
@@ -37,6 +39,7 @@ def calibrate(
     result = calibrate_imatrix(
         model_dir, calib, out, samples=calib_samples, seqlen=calib_seqlen, seed=seed,
         text_field=text_field, device=device, progress=not no_progress, checkpoint_dir=checkpoint_dir,
+        max_memory=max_memory,
     )
     cal = result.calibration
     click.echo(f"wrote {result.output}: {len(result.imatrix.entries)} tensors, "

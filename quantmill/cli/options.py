@@ -9,3 +9,20 @@ checkpoint_dir_option = click.option(
     "--checkpoint-dir", type=click.Path(path_type=Path), default=None,
     help="keep a checkpoint after every decoder layer in this directory: the same command started again with the same "
          "directory after a kill resumes at the first unfinished layer, with the same output bytes (removed when done)")
+
+
+def _size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    from quantmill.recipe import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+max_memory_option = click.option(
+    "--max-memory", callback=_size, default=None, metavar="SIZE",
+    help="peak resident memory the layer-by-layer pass must stay under (e.g. 20GB, 500MiB): above it the activation "
+         "streams are spilled to disk; refused before any work when even that does not fit. Outputs are the same bytes")

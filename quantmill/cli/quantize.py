@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from quantmill.calib_data.bundled import BUNDLED_SPEC
-from quantmill.cli.options import checkpoint_dir_option
+from quantmill.cli.options import checkpoint_dir_option, max_memory_option
 
 BRANCH_HELP = (
     "a branch to write, as BITSbit-GROUP[-actorder][-asym][-static] with GROUP 32g/64g/128g/none, "
@@ -92,11 +92,12 @@ def quantize_gguf(model: Path, type_name: str, output: Path | None, overrides: t
 @click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda)")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 @checkpoint_dir_option
+@max_memory_option
 @click.option("--no-progress", is_flag=True, help="hide the progress bar")
 def quantize_gptq(
     model_dir: Path, out_dir: Path, branches: tuple[str, ...], calib: str, text_field: str, calib_samples: int,
     calib_seqlen: int, seed: int, damp: float, no_true_sequential: bool, max_shard_size: str, checkpoint_format: str,
-    device: str, threads: int | None, checkpoint_dir: Path | None, no_progress: bool,
+    device: str, threads: int | None, checkpoint_dir: Path | None, max_memory: int | None, no_progress: bool,
 ) -> None:
     """Quantize MODEL_DIR with GPTQ into one checkpoint per --branch (v1 AutoGPTQ/GPTQModel or compressed-tensors)."""
     from quantmill.convert.safetensors_io import parse_size
@@ -113,6 +114,7 @@ def quantize_gptq(
         model_dir, calib, out_dir, branches, samples=calib_samples, seqlen=calib_seqlen, seed=seed, damp_percent=damp,
         true_sequential=not no_true_sequential, text_field=text_field, device=device, format=checkpoint_format,
         max_shard_bytes=parse_size(max_shard_size), progress=not no_progress, checkpoint_dir=checkpoint_dir,
+        max_memory=max_memory,
     )
     cal = result.calibration
     click.echo(f"calibration: {cal.samples} x {cal.seqlen} tokens from {cal.source} (seed {cal.seed}), sha256 {cal.sha256}")

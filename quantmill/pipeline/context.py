@@ -67,6 +67,7 @@ class StageContext:
     paths: dict[str, Path]  # the files it reads from outside the work directory, by role (hashed by content)
     progress: bool = False
     checkpoints: Path | None = None  # layer checkpoints of a layer-by-layer stage, kept across kills (None: none)
+    max_memory: int | None = None  # resources.memory: the peak resident bytes a stage must stay under (never hashed)
 
     def checkpoint(self, stage: str) -> Path:
         """The checkpoint made by the model stage ``stage`` (source / merge / bake)."""

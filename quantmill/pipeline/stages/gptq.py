@@ -19,7 +19,8 @@ def run(ctx: StageContext, params: GptqParams) -> None:
 
     calibration = load_calibration(ctx.inputs[params.calibration])
     quantize_branches(ctx.checkpoint(params.model), calibration, list(params.branches), ctx.out,
-                      EngineOptions(progress=ctx.progress, checkpoint_dir=ctx.checkpoints))
+                      EngineOptions(progress=ctx.progress, checkpoint_dir=ctx.checkpoints,
+                                    max_memory=ctx.max_memory))
 
 
 def outputs(params: GptqParams) -> list[Output]:

@@ -19,7 +19,7 @@ def run(ctx: StageContext, params: ImatrixParams) -> None:
 
     calibration = load_calibration(ctx.inputs[params.calibration])
     stats = collect_importance(ctx.checkpoint(params.model), calibration, progress=ctx.progress,
-                               checkpoint_dir=ctx.checkpoints)
+                               checkpoint_dir=ctx.checkpoints, max_memory=ctx.max_memory)
     write_imatrix(imatrix_from_stats(stats, calibration), ctx.out / IMATRIX_NAME)
 
 

@@ -1,0 +1,101 @@
+"""What a layer-by-layer pass costs in memory, from the model's shape alone (config.json, no weights).
+
+One model serves the engine (spill or not, under ``--max-memory``; refuse a budget no plan fits)
+and ``quantmill run --dry-run`` (each stage's predicted peak resident memory). The terms are the
+pass's real allocations: the process (Python, torch, transformers), the decoder layer in float32
+(twice for GPTQ: the float layer and one branch's working copy), the activation streams
+(samples x seqlen x hidden float32 each), a flow's kept inputs, one group's GPTQ working set
+(its Hessian and the stacked weights), and one batch's intermediates. Checked against measured
+peak RSS in BENCHMARKS.md ("memory model").
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+LOG = logging.getLogger("quantmill.memory")
+
+PROCESS_BYTES = 420 * 10**6  # python + torch + transformers + quantmill imported, with torch's thread pools started
+F32 = 4
+
+
+@dataclass(frozen=True)
+class PassShape:
+    """The shape facts a pass's memory depends on."""
+
+    samples: int
+    seqlen: int
+    hidden: int
+    intermediate: int
+    layer_params: int  # parameters of one decoder layer
+    batch_tokens: int
+
+    @classmethod
+    def of(cls, config: Any, layer_params: int, samples: int, seqlen: int, batch_tokens: int) -> PassShape:
+        """From a transformers config (``hidden_size``; ``intermediate_size``, or Falcon's ``ffn_hidden_size`` / 4 x)."""
+        hidden = int(config.hidden_size)
+        inter = getattr(config, "intermediate_size", None) or getattr(config, "ffn_hidden_size", None) or 4 * hidden
+        return cls(samples, seqlen, hidden, int(inter), int(layer_params), batch_tokens)
+
+    @property
+    def stream_bytes(self) -> int:
+        return self.samples * self.seqlen * self.hidden * F32
+
+    @property
+    def batch_rows(self) -> int:
+        return max(1, self.batch_tokens // self.seqlen)
+
+    @property
+    def batch_bytes(self) -> int:
+        """One batch's intermediates: the MLP's gate, up and product, attention's q/k/v/out, the residual."""
+        tokens = self.batch_rows * self.seqlen
+        return tokens * (3 * self.intermediate + 6 * self.hidden) * F32
+
+    @property
+    def gptq_group_bytes(self) -> int:
+        """The largest group's GPTQ working set: Hessian (in x in, and its inverse) and weights (stacked, 3 copies)."""
+        wide = max(self.hidden, self.intermediate)
+        stacked = 2 * self.intermediate * self.hidden  # gate + up, or down: the largest weight block
+        return 2 * wide * wide * F32 + 3 * stacked * F32
+
+
+def gptq_peak(shape: PassShape, branches: int, spill: bool, keep_bytes: int) -> int:
+    """Peak resident bytes of a GPTQ pass over ``branches`` branches (``spill``: streams in files)."""
+    layer = shape.layer_params * F32
+    down_inputs = shape.samples * shape.seqlen * shape.intermediate * F32
+    if spill:  # a batch of the hidden and attention streams is mapped at a time
+        streams = 3 * min(shape.batch_rows, shape.samples) * shape.seqlen * shape.hidden * F32
+    else:
+        streams = branches * shape.stream_bytes + shape.stream_bytes  # every branch, and the attention outputs
+        streams += down_inputs if down_inputs <= keep_bytes else 0
+    return PROCESS_BYTES + 2 * layer + streams + shape.gptq_group_bytes + shape.batch_bytes
+
+
+def statistics_peak(shape: PassShape, spill: bool) -> int:
+    """Peak resident bytes of the statistics (imatrix) pass."""
+    layer = shape.layer_params * F32
+    stream = min(shape.batch_rows, shape.samples) * shape.seqlen * shape.hidden * F32 if spill else shape.stream_bytes
+    return PROCESS_BYTES + layer + stream + shape.batch_bytes + 2 * max(shape.hidden, shape.intermediate) * 8
+
+
+def needs_spill(what: str, in_memory: int, spilled: int, budget: int | None, model_dir: Any) -> bool:
+    """Whether a pass predicted at ``in_memory`` bytes (``spilled`` with its streams on disk) must spill to fit
+    ``budget``; a budget that neither fits is refused before any work."""
+    from quantmill.errors import UserInputError
+    from quantmill.units import human_bytes
+
+    if budget is None or in_memory <= budget:
+        return False
+    if spilled > budget:
+        raise UserInputError(f"memory budget {human_bytes(budget)}: {what} of {model_dir} needs about "
+                             f"{human_bytes(spilled)} even with its activation streams on disk ({human_bytes(in_memory)} "
+                             "in memory); raise the budget (--max-memory / resources.memory) or use fewer calibration tokens")
+    LOG.info("%s: activation streams spilled to disk (about %s in memory, budget %s, about %s spilled)", what,
+             human_bytes(in_memory), human_bytes(budget), human_bytes(spilled))
+    return True
+
+
+def layer_params(entries: Any, prefix: str) -> int:
+    """Parameters of the decoder layer whose tensor names start with ``prefix`` (safetensors header entries)."""
+    return sum(int(e.n_elements) for name, e in entries.items() if name.startswith(prefix))
