@@ -16,8 +16,16 @@ from typing import Any
 
 LOG = logging.getLogger("quantmill.memory")
 
+DEFAULT_BATCH_TOKENS = 4096  # tokens per forward batch of a layer-by-layer pass
+KEEP_BYTES = 2 << 30  # a flow's inputs kept between its passes up to this size (in memory), else recomputed
 PROCESS_BYTES = 420 * 10**6  # python + torch + transformers + quantmill imported, with torch's thread pools started
 F32 = 4
+
+
+def intermediate_size(config: Any) -> int:
+    """The MLP's inner width (Falcon: ``ffn_hidden_size``, else 4 x hidden)."""
+    hidden = int(config.hidden_size)
+    return int(getattr(config, "intermediate_size", None) or getattr(config, "ffn_hidden_size", None) or 4 * hidden)
 
 
 @dataclass(frozen=True)
@@ -34,9 +42,7 @@ class PassShape:
     @classmethod
     def of(cls, config: Any, layer_params: int, samples: int, seqlen: int, batch_tokens: int) -> PassShape:
         """From a transformers config (``hidden_size``; ``intermediate_size``, or Falcon's ``ffn_hidden_size`` / 4 x)."""
-        hidden = int(config.hidden_size)
-        inter = getattr(config, "intermediate_size", None) or getattr(config, "ffn_hidden_size", None) or 4 * hidden
-        return cls(samples, seqlen, hidden, int(inter), int(layer_params), batch_tokens)
+        return cls(samples, seqlen, int(config.hidden_size), intermediate_size(config), int(layer_params), batch_tokens)
 
     @property
     def stream_bytes(self) -> int:
@@ -60,6 +66,47 @@ class PassShape:
         return 2 * wide * wide * F32 + 3 * stacked * F32
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """A model's size facts, from config.json (and the safetensors headers when there are weights)."""
+
+    n_params: int
+    n_layers: int
+    layer_params: int
+    hidden: int
+    intermediate: int
+    vocab: int
+
+    @property
+    def largest_tensor(self) -> int:
+        """Elements of the largest matrix: the embedding or an MLP projection."""
+        return max(self.vocab * self.hidden, self.intermediate * self.hidden)
+
+    def pass_shape(self, samples: int, seqlen: int, batch_tokens: int) -> PassShape:
+        return PassShape(samples, seqlen, self.hidden, self.intermediate, self.layer_params, batch_tokens)
+
+
+def streaming_peak(shape: ModelShape) -> int:
+    """A stage that streams tensors one at a time (copy, merge, HF -> GGUF): the largest one, read, widened, written."""
+    return PROCESS_BYTES + 3 * shape.largest_tensor * F32
+
+
+def libllama_quantize_peak(shape: ModelShape) -> int:
+    """llama_model_quantize: one tensor at a time, as float32 and its quantized copy, plus its work buffers."""
+    return PROCESS_BYTES + 3 * shape.largest_tensor * F32
+
+
+def calibrate_peak(shape: ModelShape, corpus: str) -> int:
+    """Tokenizing a corpus; ``generated`` sequences come from the whole model, loaded in float32."""
+    return PROCESS_BYTES + (shape.n_params * F32 if corpus == "generated" else 0)
+
+
+def verify_peak(shape: ModelShape, n_ctx: int) -> int:
+    """verify: the float32 reference model in torch, one context's activations and its log-probabilities."""
+    logits = n_ctx * shape.vocab * F32 * 4
+    return PROCESS_BYTES + shape.n_params * F32 + logits + n_ctx * shape.intermediate * F32 * 4
+
+
 def gptq_peak(shape: PassShape, branches: int, spill: bool, keep_bytes: int) -> int:
     """Peak resident bytes of a GPTQ pass over ``branches`` branches (``spill``: streams in files)."""
     layer = shape.layer_params * F32
@@ -77,6 +124,11 @@ def statistics_peak(shape: PassShape, spill: bool) -> int:
     layer = shape.layer_params * F32
     stream = min(shape.batch_rows, shape.samples) * shape.seqlen * shape.hidden * F32 if spill else shape.stream_bytes
     return PROCESS_BYTES + layer + stream + shape.batch_bytes + 2 * max(shape.hidden, shape.intermediate) * 8
+
+
+def planned_peak(in_memory: int, spilled: int, budget: int | None) -> int:
+    """The peak a pass will have: spilled when the budget is below its in-memory peak (a plan never refuses here)."""
+    return spilled if budget is not None and in_memory > budget else in_memory
 
 
 def needs_spill(what: str, in_memory: int, spilled: int, budget: int | None, model_dir: Any) -> bool:

@@ -33,6 +33,7 @@ from quantmill.convert.arch import for_config
 from quantmill.convert.arch.fields import check_fields
 from quantmill.errors import InputFileError, UserInputError
 from quantmill.jsonio import read_json_object
+from quantmill.quantize.cost import DEFAULT_BATCH_TOKENS, KEEP_BYTES
 from quantmill.quantize.spill import StreamFile
 
 if TYPE_CHECKING:
@@ -43,8 +44,6 @@ if TYPE_CHECKING:
     from quantmill.convert.safetensors_io import Checkpoint
 
 Observer = Callable[["torch.Tensor"], None]
-DEFAULT_BATCH_TOKENS = 4096
-KEEP_BYTES = 2 << 30  # a flow's inputs kept between its passes up to this size (in memory)
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:

@@ -3,11 +3,13 @@
 # source and tools (the peers the parity tests compare against: convert_hf_to_gguf.py,
 # llama-quantize, llama-imatrix; cached, so only the first run builds), create the GPTQModel
 # peer venv (scripts/gptqmodel_venv.sh), install git-lfs and the giftless LFS server venv
-# (scripts/lfs_server.sh), run ruff, mypy (scripts/typecheck.sh) and pytest.
+# (scripts/lfs_server.sh), install the Ray extra, run ruff, mypy (scripts/typecheck.sh) and pytest.
 # Extra arguments go to pytest (e.g. `-m "not slow"` for the fast tests only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# the optional Ray executor (pyproject's `ray` extra): tests/pipeline/test_ray_executor.py runs a two-node cluster
+.venv/bin/python -m pip --disable-pip-version-check -q install -e '.[dev,ray]'
 bash scripts/llama_cpp_source.sh --build > /dev/null
 # GPTQModel 7.6, the GPTQ peer, in its own venv (tests/quantize/test_gptq_gptqmodel.py fails, not skips, when set)
 QUANTMILL_GPTQMODEL_PYTHON=${QUANTMILL_GPTQMODEL_PYTHON:-$(bash scripts/gptqmodel_venv.sh)}

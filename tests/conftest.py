@@ -231,3 +231,10 @@ def family_model(tmp_path: Path, smollm2_tokenizer_dir: Path, sentencepiece_toke
         return replica.build(tmp_path / name, tokenizer_dir, dtype)
 
     return make
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr's lines without the progress lines that work done before an error reported (stderr is not a terminal
+    under pytest: stages, layers and chunks report by plain ``quantmill: ...`` lines; the error is ``quantmill: error:``)."""
+    return [line for line in stderr.strip().splitlines()
+            if line.startswith("quantmill: error:") or not line.startswith("quantmill: ")]

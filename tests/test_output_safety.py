@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from conftest import error_lines
 from release_helpers import make_tiny_model  # noqa: E402
 from tiny_gguf import TinyShape, bpe_vocab, write_tiny_gguf  # noqa: E402
 
@@ -105,10 +106,10 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    """Exit code and stderr's lines, without progress lines (conftest.error_lines)."""
     capsys.readouterr()
     code = main(argv)
-    err = capsys.readouterr().err
-    return code, err.strip().splitlines()
+    return code, error_lines(capsys.readouterr().err)
 
 
 def assert_one_line(code: int, lines: list[str], named: str) -> None:

@@ -245,8 +245,7 @@ def _fingerprint(runner: LayerwiseRunner, calibration: CalibrationSet, results: 
 def plan_memory(ckpt: Checkpoint, runner: LayerwiseRunner, calibration: CalibrationSet, branches: int,
                 options: EngineOptions) -> bool:
     """Whether the activation streams must be spilled to fit ``options.max_memory``; refuses a budget nothing fits."""
-    from quantmill.quantize.cost import PassShape, gptq_peak, layer_params, needs_spill
-    from quantmill.quantize.layerwise import KEEP_BYTES
+    from quantmill.quantize.cost import KEEP_BYTES, PassShape, gptq_peak, layer_params, needs_spill
 
     params = layer_params(ckpt.entries, runner.decoder.layer_prefix.format(index=0))
     shape = PassShape.of(runner.config, params, calibration.samples, calibration.seqlen, options.batch_tokens)

@@ -24,5 +24,6 @@ def _size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> in
 
 max_memory_option = click.option(
     "--max-memory", callback=_size, default=None, metavar="SIZE",
-    help="peak resident memory the layer-by-layer pass must stay under (e.g. 20GB, 500MiB): above it the activation "
-         "streams are spilled to disk; refused before any work when even that does not fit. Outputs are the same bytes")
+    help="peak resident memory the layer-by-layer passes must stay under (e.g. 20GB, 500MiB; run: over the recipe's "
+         "resources.memory): above it their activation streams are spilled to disk; refused before any work when even "
+         "that does not fit. Outputs are the same bytes")

@@ -16,6 +16,8 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from quantmill.quantize.cost import DEFAULT_BATCH_TOKENS, ModelShape, PassShape
+
 STAGE_OVERHEAD_SECONDS = 1.0  # loading libraries and files, whatever the model's size
 
 
@@ -41,9 +43,23 @@ class Output:
 
 @dataclass(frozen=True)
 class ModelSize:
+    """What a stage's cost depends on: the model's size and shape, the calibration tokens, the memory budget."""
+
     n_params: int
     n_embedding: int  # parameters in the embedding and output matrices (kept in float by GPTQ)
     source_bytes: int
+    shape: ModelShape | None = None  # None: not known (memory is then not predicted)
+    samples: int = 0  # calibration sequences x tokens (the recipe's calibration section)
+    seqlen: int = 0
+    max_memory: int | None = None  # resources.memory
+
+    @property
+    def known_shape(self) -> ModelShape:
+        assert self.shape is not None, "memory is predicted only where the shape is known"
+        return self.shape
+
+    def pass_shape(self) -> PassShape:
+        return self.known_shape.pass_shape(self.samples, self.seqlen, DEFAULT_BATCH_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -53,9 +69,12 @@ class Estimate:
     memory: int | None = None  # predicted peak resident memory of the stage's process, bytes (None: not modelled)
 
     @classmethod
-    def of(cls, size: ModelSize, nbytes: float, seconds_per_mparam: float) -> Estimate:
-        """``nbytes`` written; seconds from a throughput measured at 2 threads (BENCHMARKS.md)."""
-        return cls(int(nbytes), STAGE_OVERHEAD_SECONDS + seconds_per_mparam * size.n_params / 1e6)
+    def of(cls, size: ModelSize, nbytes: float, seconds_per_mparam: float,
+           memory: Callable[[ModelSize], int] | None = None) -> Estimate:
+        """``nbytes`` written; seconds from a throughput measured at 2 threads (BENCHMARKS.md); peak memory from
+        the cost model (:mod:`quantmill.quantize.cost`) where the shape is known."""
+        peak = None if memory is None or size.shape is None else memory(size)
+        return cls(int(nbytes), STAGE_OVERHEAD_SECONDS + seconds_per_mparam * size.n_params / 1e6, peak)
 
 
 @dataclass(frozen=True)
@@ -89,6 +108,7 @@ class StageKind(Generic[P]):
     estimate: Callable[[ModelSize, P], Estimate]
     outputs: Callable[[P], list[Output]] = lambda params: []
     needs: Callable[[P], tuple[str, ...]] = lambda params: ()  # capabilities of the model's family it needs
+    spills: bool = False  # fits under resources.memory by spilling its activation streams to disk
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -91,7 +91,15 @@ def input_sha256(loaded: LoadedRecipe, value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()  # generated / hub: named by their spec
 
 
-def _source_params(loaded: LoadedRecipe, name: str) -> source.SourceParams:
+def _config_only(directory: Path) -> bool:
+    """config.json and no weights of any kind: a model a dry run can cost but no run can build."""
+    from quantmill.convert.pickle_weights import pickle_shards
+
+    has_weights = any(p.suffix == ".safetensors" for p in directory.iterdir()) or bool(pickle_shards(directory))
+    return (directory / "config.json").is_file() and not has_weights
+
+
+def _source_params(loaded: LoadedRecipe, name: str, weights: bool) -> source.SourceParams:
     src = loaded.recipe.source
     if isinstance(src, BundledSource):
         from quantmill.default_model import REFERENCE_DTYPE, REFERENCE_FORMAT, bundled_gguf_path
@@ -103,7 +111,8 @@ def _source_params(loaded: LoadedRecipe, name: str) -> source.SourceParams:
         directory = loaded.resolve(src.path)
         if not directory.is_dir():
             raise InputFileError(directory, "no such model directory", "fix source.path in the recipe")
-        check_source_weights(directory, src.allow_pickle)
+        if weights or not _config_only(directory):
+            check_source_weights(directory, src.allow_pickle)
         return source.SourceParams(origin="local", name=name, files=_hash_dir(directory, src.allow_pickle),
                                    allow_pickle=src.allow_pickle)
     assert isinstance(src, HubSource)
@@ -124,8 +133,10 @@ def release_name(loaded: LoadedRecipe) -> str:
     return "SmolLM2-135M-Instruct"
 
 
-def build_plan(loaded: LoadedRecipe) -> Plan:
-    """The stages of ``loaded``, in an order where every stage follows the stages it reads."""
+def build_plan(loaded: LoadedRecipe, weights: bool = True) -> Plan:
+    """The stages of ``loaded``, in an order where every stage follows the stages it reads.
+
+    ``weights`` False (a dry run): a local source may be config.json alone, to cost a model that is not here."""
     from quantmill.calib_data.bundled import calibration_files, eval_file
     from quantmill.pipeline.snapshots import adapter_dir
 
@@ -141,7 +152,7 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
         plan.nodes.append(Node(stage, kind, params, deps, stage_key(kind, params, keys), found))
         return stage
 
-    source_params = _source_params(loaded, name)
+    source_params = _source_params(loaded, name, weights)
     inputs = {f"source/{file}": sha for file, sha in source_params.files.items()}
     local = loaded.resolve(recipe.source.path) if isinstance(recipe.source, LocalSource) else None
     model = add("source", source.KIND.name, source_params, (), source=local)

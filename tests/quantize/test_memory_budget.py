@@ -119,3 +119,27 @@ def test_peak_rss_stays_under_a_budget_smaller_than_the_activation_streams(make_
     assert "activation streams spilled to disk" in budgeted["log"]
     assert budgeted["peak_rss"] < budget < plain["peak_rss"]
     assert hashes(tmp_path / "budget") == hashes(tmp_path / "plain")
+
+
+def test_the_statistics_pass_spills_under_a_budget_with_the_same_sums(make_tiny_llama, caplog: pytest.LogCaptureFixture) -> None:
+    from quantmill.quantize.cost import statistics_peak
+    from quantmill.quantize.stats import collect_importance
+
+    model = make_tiny_llama("bpe", name="tiny3", dtype="float16", num_hidden_layers=3)
+    calib = random_calibration(49152, samples=300, seqlen=16)  # more sequences than one batch (256) holds
+    from transformers import AutoConfig
+
+    from quantmill.convert.safetensors_io import Checkpoint
+    from quantmill.quantize.cost import layer_params
+
+    with Checkpoint(model) as ckpt:
+        params = layer_params(ckpt.entries, "model.layers.0.")
+    shape = PassShape.of(AutoConfig.from_pretrained(model), params, calib.samples, calib.seqlen, 4096)
+    plain_peak, spilled_peak = statistics_peak(shape, False), statistics_peak(shape, True)
+    assert spilled_peak < plain_peak
+    plain = collect_importance(model, calib, progress=False)
+    with caplog.at_level("INFO", logger="quantmill"):
+        budgeted = collect_importance(model, calib, progress=False, max_memory=(plain_peak + spilled_peak) // 2)
+    assert "statistics: activation streams spilled to disk" in caplog.text
+    assert plain.counts == budgeted.counts
+    assert all(np.array_equal(plain.sum_squares[k], budgeted.sum_squares[k]) for k in plain.sum_squares)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import error_lines
 from tiny_gguf import bpe_vocab, write_tiny_gguf
 
 from quantmill.cli import main
@@ -206,7 +207,7 @@ def test_truncated_store_is_a_one_line_error(models: dict[str, Path], tmp_path: 
     with store.open("r+b") as fh:
         fh.truncate(store.stat().st_size - 10)
     assert main(base) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and str(store) in err[0] and "truncated" in err[0]
 
 

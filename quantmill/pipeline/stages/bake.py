@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from quantmill.pipeline.context import Estimate, StageContext, StageKind, StageParams
+from quantmill.quantize.cost import PROCESS_BYTES
 from quantmill.recipe import Rope
 
 
@@ -18,5 +19,6 @@ def run(ctx: StageContext, params: BakeParams) -> None:
               params=rope.params or None)
 
 
-KIND = StageKind("bake", 1, BakeParams, run, lambda size, p: Estimate.of(size, size.source_bytes, 0.02),
+KIND = StageKind("bake", 1, BakeParams, run, lambda size, p: Estimate.of(size, size.source_bytes, 0.02,
+                                                                                 lambda s: PROCESS_BYTES),
                  needs=lambda p: ("bake",))

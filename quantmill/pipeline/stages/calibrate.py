@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from quantmill.pipeline.context import Estimate, Output, StageContext, StageKind, StageParams
+from quantmill.quantize.cost import calibrate_peak
 
 CALIBRATION_NAME = "calibration"
 
@@ -37,5 +38,5 @@ def load_calibration(directory: Path) -> Any:
 
 
 KIND = StageKind("calibrate", 1, CalibrateParams, run,
-                 lambda size, p: Estimate.of(size, p.samples * p.seqlen * 4 + 4096, 0.02),
+                 lambda size, p: Estimate.of(size, p.samples * p.seqlen * 4 + 4096, 0.02, lambda s: calibrate_peak(s.known_shape, p.corpus)),
                  outputs=lambda p: [Output(f"{CALIBRATION_NAME}.json", None, manifest="calibration")])

@@ -4,6 +4,7 @@ from __future__ import annotations
 from quantmill.card import GGUF_DIR
 from quantmill.pipeline.context import Estimate, ModelSize, Output, StageContext, StageKind, StageParams
 from quantmill.pipeline.stages.imatrix import IMATRIX_NAME
+from quantmill.quantize.cost import libllama_quantize_peak
 
 
 class GgufParams(StageParams):
@@ -30,7 +31,8 @@ def outputs(params: GgufParams) -> list[Output]:
 def estimate(size: ModelSize, params: GgufParams) -> Estimate:
     from quantmill.quantize.gguf.types import lookup_file_type
 
-    return Estimate.of(size, size.n_params * lookup_file_type(params.type).nominal_bpw / 8 * 1.15, 0.1)
+    return Estimate.of(size, size.n_params * lookup_file_type(params.type).nominal_bpw / 8 * 1.15, 0.1,
+                       lambda s: libllama_quantize_peak(s.known_shape))
 
 
 KIND = StageKind("gguf", 1, GgufParams, run, estimate, outputs, needs=lambda p: ("gguf-quantize",))

@@ -27,10 +27,18 @@ def outputs(params: GptqParams) -> list[Output]:
     return [Output(b.name, f"{GPTQ_DIR}/{b.name}", artifact=b.name) for b in params.branches]
 
 
+def memory(size: ModelSize, params: GptqParams) -> int:
+    """Peak memory: the streams in memory, or spilled when resources.memory says they would not fit."""
+    from quantmill.quantize.cost import KEEP_BYTES, gptq_peak, planned_peak
+
+    shape, n = size.pass_shape(), len(params.branches)
+    return planned_peak(gptq_peak(shape, n, False, KEEP_BYTES), gptq_peak(shape, n, True, 0), size.max_memory)
+
+
 def estimate(size: ModelSize, params: GptqParams) -> Estimate:
     floats = size.n_params - size.n_embedding
     nbytes = sum(floats * (b.bits / 8 * 1.1) + size.n_embedding * 2 for b in params.branches)
-    return Estimate.of(size, nbytes, 1.6 * len(params.branches))
+    return Estimate.of(size, nbytes, 1.6 * len(params.branches), lambda s: memory(s, params))
 
 
-KIND = StageKind("gptq", 1, GptqParams, run, estimate, outputs, needs=lambda p: ("gptq",))
+KIND = StageKind("gptq", 1, GptqParams, run, estimate, outputs, needs=lambda p: ("gptq",), spills=True)

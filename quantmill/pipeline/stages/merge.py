@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from quantmill.errors import InputFileError
 from quantmill.pipeline.context import Estimate, StageContext, StageKind, StageParams
+from quantmill.quantize.cost import streaming_peak
 
 
 class AdapterParams(StageParams):
@@ -28,5 +29,6 @@ def run(ctx: StageContext, params: MergeParams) -> None:
                              " yourself with `quantmill merge --allow-pickle` and use the result as the recipe's source") from exc
 
 
-KIND = StageKind("merge", 1, MergeParams, run, lambda size, p: Estimate.of(size, size.source_bytes, 0.1),
+KIND = StageKind("merge", 1, MergeParams, run, lambda size, p: Estimate.of(size, size.source_bytes, 0.1,
+                                                                                   lambda s: streaming_peak(s.known_shape)),
                  needs=lambda p: ("merge",))

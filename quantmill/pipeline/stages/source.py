@@ -7,6 +7,7 @@ from typing import Literal
 
 from quantmill.errors import InputFileError
 from quantmill.pipeline.context import Estimate, StageContext, StageKind, StageParams
+from quantmill.quantize.cost import streaming_peak
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -70,4 +71,5 @@ def run(ctx: StageContext, params: SourceParams) -> None:
         copy_model(default_reference(), ctx.model_out)
 
 
-KIND = StageKind("source", 1, SourceParams, run, lambda size, p: Estimate.of(size, size.source_bytes, 0.05))
+KIND = StageKind("source", 1, SourceParams, run, lambda size, p: Estimate.of(size, size.source_bytes, 0.05,
+                                                                                     lambda s: streaming_peak(s.known_shape)))

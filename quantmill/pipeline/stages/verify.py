@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from quantmill.atomic import write_text_atomic
 from quantmill.pipeline.context import Estimate, Output, StageContext, StageKind, StageParams
+from quantmill.quantize.cost import verify_peak
 from quantmill.verify.thresholds import Threshold
 
 VERIFY_DIR = "verify"
@@ -66,5 +67,6 @@ def needs(params: VerifyParams) -> tuple[str, ...]:
     return ("verify-torch", *(("verify-gguf",) if any(p.endswith(".gguf") for p in params.artifacts.values()) else ()))
 
 
-KIND = StageKind("verify", 1, VerifyParams, run, lambda size, p: Estimate.of(size, 1 << 20, 0.35 * (1 + len(p.artifacts))),
+KIND = StageKind("verify", 1, VerifyParams, run, lambda size, p: Estimate.of(size, 1 << 20, 0.35 * (1 + len(p.artifacts)),
+                                                                      lambda s: verify_peak(s.known_shape, p.n_ctx)),
                  outputs=outputs, needs=needs)
