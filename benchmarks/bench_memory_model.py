@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/quantmill-memory"))
     parser.add_argument("--samples", type=int, default=64, help="calibration sequences of 512 tokens")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    parser.add_argument("--measured", type=Path, default=None,
+                        help="a memory-model.json of an earlier run: print today's predictions beside its measurements")
     args = parser.parse_args()
 
     from quantmill.default_model import default_reference
@@ -88,6 +90,14 @@ def main() -> None:
         path.write_text(yaml.safe_dump(recipe(model, args.samples), sort_keys=False), encoding="utf-8")
         loaded = load_recipe(path)
         plan, report = prepare(loaded)
+        if args.measured is not None:
+            earlier = {(r["model"], r["stage"]): r for r in json.loads(args.measured.read_text(encoding="utf-8"))}
+            for row in report.stages:
+                was = earlier[(name, row["stage"])]
+                ratio = row["estimated_memory"] / was["measured"]
+                print(f"| {name} | {_params(model)} | {row['stage']} | {row['estimated_memory'] / 1e6:,.0f} MB | "
+                      f"{was['measured'] / 1e6:,.0f} MB | {ratio:.2f} | {was['seconds']:.1f} |")
+            continue
         run_recipe(loaded, publish=False, force=True)
         for row in report.stages:
             node = plan.node(row["stage"])
@@ -106,7 +116,8 @@ def main() -> None:
                             "ratio": round(ratio, 3), "seconds": round(seconds, 1)})
             print(f"| {name} | {_params(model)} | {node.name} | {predicted / 1e6:,.0f} MB | {measured / 1e6:,.0f} MB | "
                   f"{ratio:.2f} | {seconds:.1f} |", flush=True)
-    (args.work / "memory-model.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    if args.measured is None:
+        (args.work / "memory-model.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 
 
 def _params(model: Path) -> str:

@@ -18,7 +18,13 @@ LOG = logging.getLogger("quantmill.memory")
 
 DEFAULT_BATCH_TOKENS = 4096  # tokens per forward batch of a layer-by-layer pass
 KEEP_BYTES = 2 << 30  # a flow's inputs kept between its passes up to this size (in memory), else recomputed
-PROCESS_BYTES = 420 * 10**6  # python + torch + transformers + quantmill imported, with torch's thread pools started
+# The processes' own footprint, measured (BENCHMARKS.md "memory model"): with torch + transformers imported and torch's
+# thread pools started; a stage that only moves files (numpy, safetensors, pydantic); tokenizing; converting to GGUF.
+PROCESS_BYTES = 420 * 10**6
+LIGHT_PROCESS_BYTES = 255 * 10**6
+TOKENIZE_PROCESS_BYTES = 345 * 10**6
+CONVERT_PROCESS_BYTES = 350 * 10**6
+LIBLLAMA_PROCESS_BYTES = 300 * 10**6
 F32 = 4
 
 
@@ -86,25 +92,45 @@ class ModelShape:
         return PassShape(samples, seqlen, self.hidden, self.intermediate, self.layer_params, batch_tokens)
 
 
+def copy_peak(shape: ModelShape, converts: bool) -> int:
+    """The source stage: files linked or copied; ``converts`` (a GGUF or pickle source): tensors widened one at a time."""
+    return (PROCESS_BYTES + 3 * shape.largest_tensor * F32) if converts else LIGHT_PROCESS_BYTES
+
+
 def streaming_peak(shape: ModelShape) -> int:
-    """A stage that streams tensors one at a time (copy, merge, HF -> GGUF): the largest one, read, widened, written."""
+    """A stage that streams tensors one at a time through torch (the LoRA merge): the largest, read, widened, written."""
     return PROCESS_BYTES + 3 * shape.largest_tensor * F32
 
 
-def libllama_quantize_peak(shape: ModelShape) -> int:
-    """llama_model_quantize: one tensor at a time, as float32 and its quantized copy, plus its work buffers."""
-    return PROCESS_BYTES + 3 * shape.largest_tensor * F32
+def convert_peak(shape: ModelShape) -> int:
+    """HF -> GGUF: tensors converted and written in slices; the footprint hardly grows with the model."""
+    return CONVERT_PROCESS_BYTES + shape.largest_tensor * 2 // 10
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A peak RSS of which ``mapped`` bytes are memory-mapped files: counted in RSS, but reclaimable page cache."""
+
+    rss: int
+    mapped: int = 0
+
+
+def libllama_quantize_peak(shape: ModelShape) -> Peak:
+    """llama_model_quantize: the F16 input is read through a memory map (its pages count in RSS) plus per-tensor buffers."""
+    mapped = int(0.9 * shape.n_params * 2)
+    return Peak(LIBLLAMA_PROCESS_BYTES + mapped, mapped)
 
 
 def calibrate_peak(shape: ModelShape, corpus: str) -> int:
     """Tokenizing a corpus; ``generated`` sequences come from the whole model, loaded in float32."""
-    return PROCESS_BYTES + (shape.n_params * F32 if corpus == "generated" else 0)
+    return PROCESS_BYTES + shape.n_params * F32 if corpus == "generated" else TOKENIZE_PROCESS_BYTES
 
 
-def verify_peak(shape: ModelShape, n_ctx: int) -> int:
-    """verify: the float32 reference model in torch, one context's activations and its log-probabilities."""
-    logits = n_ctx * shape.vocab * F32 * 4
-    return PROCESS_BYTES + shape.n_params * F32 + logits + n_ctx * shape.intermediate * F32 * 4
+def verify_peak(shape: ModelShape, n_ctx: int) -> Peak:
+    """verify: the float32 reference in torch and a memory-mapped GGUF (5.4 bytes per parameter measured, of which the
+    F16 file's 2 are mapped), and the log-probabilities of one context (n_ctx x vocab float32, about seven live copies)."""
+    mapped = shape.n_params * 2
+    return Peak(PROCESS_BYTES + int(5.4 * shape.n_params) + 7 * n_ctx * shape.vocab * F32, mapped)
 
 
 def gptq_peak(shape: PassShape, branches: int, spill: bool, keep_bytes: int) -> int:

@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from quantmill.quantize.cost import DEFAULT_BATCH_TOKENS, ModelShape, PassShape
+from quantmill.quantize.cost import DEFAULT_BATCH_TOKENS, ModelShape, PassShape, Peak
 
 STAGE_OVERHEAD_SECONDS = 1.0  # loading libraries and files, whatever the model's size
 
@@ -67,14 +67,21 @@ class Estimate:
     bytes: int
     seconds: float
     memory: int | None = None  # predicted peak resident memory of the stage's process, bytes (None: not modelled)
+    mapped: int = 0  # the part of ``memory`` that is memory-mapped files (page cache the kernel can reclaim)
+
+    @property
+    def required(self) -> int | None:
+        """The memory that must be free for the stage: its peak without the reclaimable mapped files."""
+        return None if self.memory is None else self.memory - self.mapped
 
     @classmethod
     def of(cls, size: ModelSize, nbytes: float, seconds_per_mparam: float,
-           memory: Callable[[ModelSize], int] | None = None) -> Estimate:
+           memory: Callable[[ModelSize], int | Peak] | None = None) -> Estimate:
         """``nbytes`` written; seconds from a throughput measured at 2 threads (BENCHMARKS.md); peak memory from
         the cost model (:mod:`quantmill.quantize.cost`) where the shape is known."""
         peak = None if memory is None or size.shape is None else memory(size)
-        return cls(int(nbytes), STAGE_OVERHEAD_SECONDS + seconds_per_mparam * size.n_params / 1e6, peak)
+        rss, mapped = (peak.rss, peak.mapped) if isinstance(peak, Peak) else (peak, 0)
+        return cls(int(nbytes), STAGE_OVERHEAD_SECONDS + seconds_per_mparam * size.n_params / 1e6, rss, mapped)
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,8 @@ def plan_table(plan: Plan, work_dir: Path) -> list[dict[str, Any]]:
                      "status": "done" if node.is_done(work_dir) else "todo",
                      "estimated_bytes": None if est is None else est.bytes,
                      "estimated_seconds": None if est is None else round(est.seconds, 1),
-                     "estimated_memory": None if est is None else est.memory})
+                     "estimated_memory": None if est is None else est.memory,
+                     "estimated_memory_required": None if est is None else est.required})
     return rows
 
 

@@ -66,7 +66,7 @@ def _check_memory(loaded: LoadedRecipe, rows: list[dict[str, Any]]) -> None:
     budget = loaded.recipe.resources.memory
     limit, what = (int(budget), "resources.memory") if budget is not None else (machine_memory(), "this machine's memory")
     for row in rows:
-        need = row.get("estimated_memory")
+        need = row.get("estimated_memory_required")  # mapped files (page cache) need no free memory
         if row["status"] != "done" and need is not None and need > limit:
             hint = ("set resources.memory to spill its activation streams to disk" if STAGES[row["kind"]].spills and budget is None
                     else "run it on a machine with more memory" + (", or raise resources.memory" if budget is not None else ""))

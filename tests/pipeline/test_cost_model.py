@@ -86,3 +86,13 @@ def test_alfred_40b_refinedweb_config_is_costed(tmp_path: Path, capsys: pytest.C
     assert rows["gptq"]["estimated_memory"] < 200e9  # seven branches' streams (8.6 GB each) spilled
     short = report["disk_needed_bytes"] > report["disk_free_bytes"]
     assert any("needs about" in n and "free under" in n for n in report["notes"]) == short  # this machine's disk
+
+
+def test_max_memory_on_the_command_line_is_the_recipes_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    budgeted = _plan(_recipe(tmp_path / "recipe", "llama-3.1-8b.json", resources={"memory": "12GB"}), capsys)
+    recipe = _recipe(tmp_path / "flag", "llama-3.1-8b.json")
+    main(["run", str(recipe), "--dry-run", "--json", "--max-memory", "12GB"])
+    flagged = json.loads(capsys.readouterr().out)
+    assert [r["estimated_memory"] for r in flagged["stages"]] == [r["estimated_memory"] for r in budgeted["stages"]]
+    assert main(["run", str(recipe), "--dry-run", "--max-memory", "twelve"]) == 2
+    assert "'twelve' is not a size" in capsys.readouterr().err

@@ -102,7 +102,7 @@ def resource_requests(plan: Plan, nodes: list[dict[str, Any]]) -> dict[str, dict
                 raise UserInputError(f"{plan.recipe.path}: stage {node.name} runs on CUDA (its devices include cuda) but no node "
                                      "of the Ray cluster has a GPU; add a GPU node or remove cuda from verify.devices")
             request["num_gpus"] = 1
-        needed = None if size is None else STAGES[node.kind].estimate(size, node.params).memory
+        needed = None if size is None else STAGES[node.kind].estimate(size, node.params).required  # mapped files: page cache
         if needed is not None:
             if needed > memory:
                 LOG.warning("stage %s: its estimated memory (%d bytes) exceeds every Ray node's (%d); asking for %d",

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from quantmill.pipeline.context import Estimate, StageContext, StageKind, StageParams
-from quantmill.quantize.cost import PROCESS_BYTES
+from quantmill.quantize.cost import LIGHT_PROCESS_BYTES
 from quantmill.recipe import Rope
 
 
@@ -20,5 +20,5 @@ def run(ctx: StageContext, params: BakeParams) -> None:
 
 
 KIND = StageKind("bake", 1, BakeParams, run, lambda size, p: Estimate.of(size, size.source_bytes, 0.02,
-                                                                                 lambda s: PROCESS_BYTES),
+                                                                                 lambda s: LIGHT_PROCESS_BYTES),
                  needs=lambda p: ("bake",))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from quantmill.card import GGUF_DIR
 from quantmill.pipeline.context import Estimate, Output, StageContext, StageKind, StageParams
-from quantmill.quantize.cost import streaming_peak
+from quantmill.quantize.cost import convert_peak
 
 BYTES_PER_WEIGHT = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.07}
 
@@ -29,5 +29,5 @@ def outputs(params: GgufBaseParams) -> list[Output]:
 
 KIND = StageKind("gguf-base", 1, GgufBaseParams, run,
                  lambda size, p: Estimate.of(size, size.n_params * BYTES_PER_WEIGHT[p.outtype], 0.05,
-                                             lambda s: streaming_peak(s.known_shape)), outputs,
+                                             lambda s: convert_peak(s.known_shape)), outputs,
                  needs=lambda p: ("convert",))

@@ -22,7 +22,7 @@ from quantmill.manifest import MANIFEST, build_manifest, file_records
 from quantmill.pipeline.context import Estimate, StageContext, StageKind, StageParams, link_tree
 from quantmill.pipeline.release import default_repo, hub_layout, render_cards
 from quantmill.pipeline.stages.verify import PLOT_PNG, VERIFY_DIR
-from quantmill.quantize.cost import PROCESS_BYTES
+from quantmill.quantize.cost import LIGHT_PROCESS_BYTES
 
 
 class ReleaseParams(StageParams):
@@ -57,4 +57,4 @@ def run(ctx: StageContext, params: ReleaseParams) -> None:
 
 # cards, manifest, plot: the artifacts are hard links
 KIND = StageKind("release", 1, ReleaseParams, run, lambda size, p: Estimate.of(size, 1 << 20, 0.01,
-                                                                                         lambda s: PROCESS_BYTES))
+                                                                                         lambda s: LIGHT_PROCESS_BYTES))

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Literal
 
 from quantmill.errors import InputFileError
-from quantmill.pipeline.context import Estimate, StageContext, StageKind, StageParams
-from quantmill.quantize.cost import streaming_peak
+from quantmill.pipeline.context import Estimate, ModelSize, StageContext, StageKind, StageParams
+from quantmill.quantize.cost import copy_peak
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -71,5 +71,9 @@ def run(ctx: StageContext, params: SourceParams) -> None:
         copy_model(default_reference(), ctx.model_out)
 
 
-KIND = StageKind("source", 1, SourceParams, run, lambda size, p: Estimate.of(size, size.source_bytes, 0.05,
-                                                                                     lambda s: streaming_peak(s.known_shape)))
+def estimate(size: ModelSize, params: SourceParams) -> Estimate:
+    converts = params.origin != "local" or params.allow_pickle  # GGUF / pickles: tensors converted, else files linked
+    return Estimate.of(size, size.source_bytes, 0.05, lambda s: copy_peak(s.known_shape, converts))
+
+
+KIND = StageKind("source", 1, SourceParams, run, estimate)
