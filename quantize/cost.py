@@ -177,3 +177,9 @@ def needs_spill(what: str, in_memory: int, spilled: int, budget: int | None, mod
 def layer_params(entries: Any, prefix: str) -> int:
     """Parameters of the decoder layer whose tensor names start with ``prefix`` (safetensors header entries)."""
     return sum(int(e.n_elements) for name, e in entries.items() if name.startswith(prefix))
+
+
+def checkpoint_disk(shape: PassShape, streams: int, spilled: bool) -> int:
+    """Disk a layer-by-layer pass holds while it runs: each stream's checkpoint, twice while one is replaced by the
+    next, and the working copy of a spilled stream (its packed tensors' spool is counted with the outputs)."""
+    return (2 + int(spilled)) * streams * shape.stream_bytes

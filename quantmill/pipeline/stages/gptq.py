@@ -27,18 +27,25 @@ def outputs(params: GptqParams) -> list[Output]:
     return [Output(b.name, f"{GPTQ_DIR}/{b.name}", artifact=b.name) for b in params.branches]
 
 
-def memory(size: ModelSize, params: GptqParams) -> int:
-    """Peak memory: the streams in memory, or spilled when resources.memory says they would not fit."""
-    from quantmill.quantize.cost import KEEP_BYTES, gptq_peak, planned_peak
+def _peaks(size: ModelSize, branches: int) -> tuple[int, int]:
+    from quantmill.quantize.cost import KEEP_BYTES, gptq_peak
 
-    shape, n = size.pass_shape(), len(params.branches)
-    return planned_peak(gptq_peak(shape, n, False, KEEP_BYTES), gptq_peak(shape, n, True, 0), size.max_memory)
+    shape = size.pass_shape()
+    return gptq_peak(shape, branches, False, KEEP_BYTES), gptq_peak(shape, branches, True, 0)
 
 
 def estimate(size: ModelSize, params: GptqParams) -> Estimate:
+    """Bytes: the branches, plus the layer checkpoints held while it runs; memory: the streams in memory, or spilled
+    when resources.memory says they would not fit."""
+    from quantmill.quantize.cost import checkpoint_disk, planned_peak
+
+    n = len(params.branches)
     floats = size.n_params - size.n_embedding
     nbytes = sum(floats * (b.bits / 8 * 1.1) + size.n_embedding * 2 for b in params.branches)
-    return Estimate.of(size, nbytes, 1.6 * len(params.branches), lambda s: memory(s, params))
+    if size.shape is not None:
+        in_memory, _ = _peaks(size, n)
+        nbytes += checkpoint_disk(size.pass_shape(), n, size.max_memory is not None and in_memory > size.max_memory)
+    return Estimate.of(size, nbytes, 1.6 * n, lambda s: planned_peak(*_peaks(s, n), s.max_memory))
 
 
 KIND = StageKind("gptq", 1, GptqParams, run, estimate, outputs, needs=lambda p: ("gptq",), spills=True)

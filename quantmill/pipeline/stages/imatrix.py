@@ -23,13 +23,17 @@ def run(ctx: StageContext, params: ImatrixParams) -> None:
     write_imatrix(imatrix_from_stats(stats, calibration), ctx.out / IMATRIX_NAME)
 
 
-def memory(size: ModelSize) -> int:
-    from quantmill.quantize.cost import planned_peak, statistics_peak
+def estimate(size: ModelSize, params: ImatrixParams) -> Estimate:
+    """Bytes: the imatrix, plus the layer checkpoints held while it runs; memory: the stream in memory, or spilled."""
+    from quantmill.quantize.cost import checkpoint_disk, planned_peak, statistics_peak
 
+    nbytes = size.n_params // 64 + 65536
+    if size.shape is None:
+        return Estimate.of(size, nbytes, 0.15)
     shape = size.pass_shape()
-    return planned_peak(statistics_peak(shape, False), statistics_peak(shape, True), size.max_memory)
+    in_memory, spilled = statistics_peak(shape, False), statistics_peak(shape, True)
+    nbytes += checkpoint_disk(shape, 1, size.max_memory is not None and in_memory > size.max_memory)
+    return Estimate.of(size, nbytes, 0.15, lambda s: planned_peak(in_memory, spilled, s.max_memory))
 
 
-KIND = StageKind("imatrix", 1, ImatrixParams, run,
-                 lambda size, p: Estimate.of(size, size.n_params // 64 + 65536, 0.15, memory),
-                 needs=lambda p: ("statistics",), spills=True)
+KIND = StageKind("imatrix", 1, ImatrixParams, run, estimate, needs=lambda p: ("statistics",), spills=True)
