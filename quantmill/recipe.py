@@ -156,6 +156,9 @@ class GptqBranch(_Strict):
 
 class Gptq(_Strict):
     branches: list[GptqBranch] = Field(min_length=1)
+    # branches per gptq stage (None: all in one stage, one pass); 1: a stage per branch, so an executor with several
+    # machines (Ray) runs them side by side. Each branch's bytes are the same either way: branches share no state
+    branches_per_stage: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _one_main_and_distinct(self) -> Gptq:

@@ -182,8 +182,11 @@ def build_plan(loaded: LoadedRecipe, weights: bool = True) -> Plan:
     if recipe.gptq is not None:
         assert calib is not None
         branches = tuple(b.spec() for b in recipe.gptq.branches)
-        params = gptq.GptqParams(model=model, calibration=calib, branches=branches, threads=threads)
-        artifacts.append(add("gptq", gptq.KIND.name, params, (model, calib)))
+        size = recipe.gptq.branches_per_stage or len(branches)
+        groups = [branches[i : i + size] for i in range(0, len(branches), size)]
+        for i, group in enumerate(groups):
+            params = gptq.GptqParams(model=model, calibration=calib, branches=group, threads=threads)
+            artifacts.append(add("gptq" if len(groups) == 1 else f"gptq-{i + 1}", gptq.KIND.name, params, (model, calib)))
     if recipe.gguf is not None:
         base_file = gguf_file_name(name, recipe.gguf.base.upper())
         base = add("gguf-base", gguf_base.KIND.name, gguf_base.GgufBaseParams(

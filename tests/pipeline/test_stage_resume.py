@@ -55,3 +55,21 @@ def test_a_release_killed_inside_its_layer_by_layer_stages_resumes_them_at_their
     # stderr is not a terminal here: the stages and layers reported themselves by plain lines
     assert "quantmill: stage" in lines[0] and "quantmill: gptq (2 branches): layer 1/4" in lines[0]
     assert "quantmill: gptq (2 branches): layer 3/4" in lines[1] and "quantmill: statistics: layer 1/4" in lines[1]
+
+
+def test_a_stage_per_gptq_branch_writes_the_same_branches(tmp_path: Path) -> None:
+    """gptq.branches_per_stage: 1 gives one stage per branch (what a Ray cluster runs side by side) and the same bytes."""
+    model = make_tiny_model(tmp_path / "model")
+    hashes = {}
+    for per_stage in (None, 1):
+        root = tmp_path / f"per-stage-{per_stage}"
+        root.mkdir()
+        gptq = {"branches": [{"bits": 4, "group_size": 32, "main": True}, {"bits": 8, "group_size": -1}],
+                "branches_per_stage": per_stage}
+        recipe = write_recipe(root, source={"kind": "local", "path": str(model)}, gptq=gptq)
+        report = json.loads(cli("run", str(recipe), "--json", cwd=root, check=True).stdout)
+        gptq_stages = [s["stage"] for s in report["stages"] if s["kind"] == "gptq"]
+        assert gptq_stages == (["gptq"] if per_stage is None else ["gptq-1", "gptq-2"])
+        hashes[per_stage] = {k: v for k, v in output_hashes(root / "work" / "release").items()
+                             if k.startswith(("gptq/", "gguf/")) and not k.endswith("README.md")}
+    assert len(hashes[None]) > 10 and hashes[1] == hashes[None]
