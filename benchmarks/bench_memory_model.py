@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/quantmill-memory"))
     parser.add_argument("--samples", type=int, default=64, help="calibration sequences of 512 tokens")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    parser.add_argument("--stages", nargs="*", default=None, help="measure only these stages (default: all)")
     parser.add_argument("--measured", type=Path, default=None,
                         help="a memory-model.json of an earlier run: print today's predictions beside its measurements")
     args = parser.parse_args()
@@ -100,6 +101,8 @@ def main() -> None:
             continue
         run_recipe(loaded, publish=False, force=True)
         for row in report.stages:
+            if args.stages is not None and row["stage"] not in args.stages:
+                continue
             node = plan.node(row["stage"])
             done = node.directory(loaded.work_dir)
             kept = done.with_name(done.name + ".kept")
@@ -117,7 +120,11 @@ def main() -> None:
             print(f"| {name} | {_params(model)} | {node.name} | {predicted / 1e6:,.0f} MB | {measured / 1e6:,.0f} MB | "
                   f"{ratio:.2f} | {seconds:.1f} |", flush=True)
     if args.measured is None:
-        (args.work / "memory-model.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        out = args.work / "memory-model.json"
+        kept = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else []
+        fresh = {(r["model"], r["stage"]) for r in results}
+        merged = [r for r in kept if (r["model"], r["stage"]) not in fresh] + results
+        out.write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
 
 
 def _params(model: Path) -> str:
