@@ -47,7 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/quantmill-checkpoints"))
     parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--budget", default="600MB", help="the memory budget of the spilled variant")
+    parser.add_argument("--budget", default="700MB", help="the memory budget of the spilled variant")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these variants (the plain run's output is reused)")
     args = parser.parse_args()
 
     from quantmill.calib_data.sampling import save_calibration_set
@@ -56,8 +57,9 @@ def main() -> None:
     from quantmill.recipe import parse_size
 
     model = default_reference()
-    shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True)
+    if args.only is None:
+        shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     calib = prepare_calibration(model, "bundled", args.samples, 512, 0, progress=False)
     save_calibration_set(calib, args.work / "calibration")
     stream = calib.samples * calib.seqlen * 576 * 4
@@ -70,6 +72,10 @@ def main() -> None:
     reference = None
     for name, (checkpoints, budget) in variants.items():
         out = args.work / name.replace(" + ", "-")
+        if args.only is not None and name not in args.only:
+            reference = reference or (digest(out) if name == "plain" else None)
+            continue
+        shutil.rmtree(out, ignore_errors=True)
         job = {"model": str(model), "calibration": str(args.work / "calibration"), "branches": BRANCHES, "out": str(out),
                "checkpoints": str(args.work / "ck") if checkpoints else None, "budget": budget}
         done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(job)], capture_output=True, text=True, check=False)
@@ -77,8 +83,10 @@ def main() -> None:
             sys.exit(done.stderr[-3000:])
         figures = json.loads(done.stdout.strip().splitlines()[-1])
         reference = reference or digest(out)
-        first.setdefault("plain", figures["seconds"])
-        print(f"| {name} | {figures['seconds']:.1f} | {figures['seconds'] / first['plain']:.2f} | "
+        if name == "plain":
+            first["plain"] = figures["seconds"]
+        ratio = f"{figures['seconds'] / first['plain']:.2f}" if "plain" in first else "–"
+        print(f"| {name} | {figures['seconds']:.1f} | {ratio} | "
               f"{figures['peak_rss'] / 1e6:,.0f} | {digest(out) == reference} |", flush=True)
 
 
