@@ -78,6 +78,10 @@ def calibrate_imatrix(
     ensure_writable_dir(out.parent)
     if Path(model_dir).is_dir():
         arch_for(Path(model_dir), read_config(Path(model_dir)), "statistics")  # the family can run the pass, before any work
+    if checkpoint_dir is not None:
+        from quantmill.quantize.resume import check_checkpoint_dir
+
+        check_checkpoint_dir(Path(checkpoint_dir))  # before calibration: nothing of the user's is ever removed
     calibration = prepare_calibration(model_dir, calib, samples, seqlen, seed, text_field, progress=progress)
     stats = collect_importance(Path(model_dir), calibration, device=device, progress=progress, checkpoint_dir=checkpoint_dir,
                                max_memory=max_memory)

@@ -16,6 +16,7 @@ same bytes as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger("quantmill.resume")
 STATE_FILE = "state.json"
+STREAMS_DIR = "streams"  # spilled activation streams (quantmill.quantize.spill)
 FORMAT = 1
 
 
@@ -63,6 +65,8 @@ class LayerCheckpoint:
     def __init__(self, directory: Path | None, fingerprint: dict[str, Any]) -> None:
         self.directory = None if directory is None else Path(directory)
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
+        if self.directory is not None:
+            check_checkpoint_dir(self.directory)
 
     @property
     def enabled(self) -> bool:
@@ -127,8 +131,39 @@ class LayerCheckpoint:
         return self.directory / name
 
     def clear(self) -> None:
-        if self.directory is not None and self.directory.exists():
-            shutil.rmtree(self.directory)
+        if self.directory is not None:
+            remove_checkpoints(self.directory)
+
+
+def _owned(path: Path) -> bool:
+    """A file or directory a layer checkpoint writes (state.json and its temporaries, arrays, spools, spilled streams)."""
+    name = path.name
+    return (name == STATE_FILE or (name.startswith(f".{STATE_FILE}.") and name.endswith(".part"))
+            or (name.startswith("layer") and name.endswith(".npy")) or name.startswith("spool-")
+            or (name == STREAMS_DIR and path.is_dir()))
+
+
+def check_checkpoint_dir(directory: Path) -> None:
+    """A checkpoint directory is new, or holds only what checkpoints write: nothing of the user's is ever removed."""
+    from quantmill.errors import OutputError
+
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"--checkpoint-dir {directory}: is a file; name a new or empty directory")
+    strangers = sorted(p.name for p in directory.iterdir() if not _owned(p)) if directory.is_dir() else []
+    if strangers:
+        raise OutputError(f"--checkpoint-dir {directory}: holds {strangers[0]!r}, which no checkpoint wrote; name a new or "
+                          "empty directory (quantmill removes its checkpoints when the pass is done)")
+
+
+def remove_checkpoints(directory: Path) -> None:
+    """Remove what checkpoints wrote in ``directory``, then the directory when it is left empty."""
+    if not directory.is_dir():
+        return
+    for path in sorted(directory.iterdir()):
+        if _owned(path):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with contextlib.suppress(OSError):
+        directory.rmdir()
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:

@@ -188,6 +188,7 @@ def _spill_dir(stack: ExitStack, runner: LayerwiseRunner, calib: CalibrationSet,
 
     from quantmill.convert.safetensors_io import Checkpoint
     from quantmill.quantize.cost import PassShape, layer_params, needs_spill, statistics_peak
+    from quantmill.quantize.resume import STREAMS_DIR
 
     if max_memory is None:
         return None
@@ -197,7 +198,7 @@ def _spill_dir(stack: ExitStack, runner: LayerwiseRunner, calib: CalibrationSet,
     if not needs_spill("statistics", statistics_peak(shape, False), statistics_peak(shape, True), max_memory, runner.model_dir):
         return None
     if checkpoint.enabled:
-        directory = checkpoint.path("streams")
+        directory = checkpoint.path(STREAMS_DIR)
         directory.mkdir(exist_ok=True)
         return directory
     return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quantmill-spill-")))

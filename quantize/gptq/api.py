@@ -68,11 +68,14 @@ def quantize_gptq(
     """Write one GPTQ branch per spec into ``out_dir/<branch name>`` (cheap checks first, then one pass)."""
     from quantmill.quantize.calibrate import prepare_calibration
     from quantmill.quantize.gptq.engine import quantize_branches
+    from quantmill.quantize.resume import check_checkpoint_dir
 
     branches = parse_branches(list(branch_specs), damp_percent=damp_percent, true_sequential=true_sequential,
                               format=format)
     _check_out(Path(model_dir), calib, Path(out_dir), [b.name for b in branches])
     check_input(Path(model_dir))
+    if checkpoint_dir is not None:
+        check_checkpoint_dir(Path(checkpoint_dir))  # before calibration: nothing of the user's is ever removed
     calibration = prepare_calibration(Path(model_dir), calib, samples, seqlen, seed, text_field)
     options = EngineOptions(device=device, max_shard_bytes=max_shard_bytes, progress=progress, checkpoint_dir=checkpoint_dir,
                             max_memory=max_memory)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 import tempfile
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -228,7 +227,9 @@ def quantize_branches(
             out_dir.rmdir()  # the directory this call created for the branches, left empty by the error
         raise
     if options.checkpoint_dir is not None:  # every branch is in place: the layer checkpoints are not needed again
-        shutil.rmtree(options.checkpoint_dir, ignore_errors=True)
+        from quantmill.quantize.resume import remove_checkpoints
+
+        remove_checkpoints(options.checkpoint_dir)
     return done
 
 
@@ -302,7 +303,7 @@ def _quantize_all(model_dir: Path, calibration: CalibrationSet, out_dir: Path, o
 
     from quantmill.convert.safetensors_io import Checkpoint
     from quantmill.progress import LayerProgress
-    from quantmill.quantize.resume import LayerCheckpoint
+    from quantmill.quantize.resume import STREAMS_DIR, LayerCheckpoint
 
     checkpoint = LayerCheckpoint(options.checkpoint_dir, _fingerprint(runner, calibration, results, options))
     with ExitStack() as stack, torch.no_grad():
@@ -321,7 +322,7 @@ def _quantize_all(model_dir: Path, calibration: CalibrationSet, out_dir: Path, o
             stack.callback(writer.abort)
         flow = flow_for(runner.decoder, options.fast_flow)
         if plan_memory(ckpt, runner, calibration, len(runs), options):
-            spill_dir = (checkpoint.path("streams") if checkpoint.enabled else
+            spill_dir = (checkpoint.path(STREAMS_DIR) if checkpoint.enabled else
                          Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".spill-", suffix=".part", dir=out_dir))))
             spill_dir.mkdir(exist_ok=True)
             runner.spill_dir, runner.keep_bytes = spill_dir, 0

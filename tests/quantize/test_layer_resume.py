@@ -182,3 +182,19 @@ def test_a_checkpoint_of_other_inputs_is_not_resumed(model: Path, tmp_path: Path
     plain = collect_importance(model, sets[1], progress=False)
     assert all(np.array_equal(second.sum_squares[k], plain.sum_squares[k]) for k in plain.sum_squares)
     assert not checkpoints.exists()  # a finished pass removes its checkpoints
+
+
+def test_a_checkpoint_dir_holding_the_users_files_is_refused_and_left_alone(model: Path, tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from quantmill.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me\n", encoding="utf-8")
+    for argv in (["quantize", "gptq", str(model), "--out", str(tmp_path / "out"), "--branch", "4bit-32g"],
+                 ["calibrate", str(model), "--out", str(tmp_path / "im.gguf")]):
+        assert main([*argv, "--calib-samples", "2", "--calib-seqlen", "16", "--checkpoint-dir", str(mine)]) == 2
+        err = capsys.readouterr().err
+        assert "--checkpoint-dir" in err and "notes.txt" in err and err.count("\n") == 1
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me\n"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "im.gguf").exists()
