@@ -8,6 +8,8 @@ else that venv's python) picks another one.
 Sub-commands (each prints JSON lines, then a verdict):
 
     python benchmarks/bench_gptq.py compare --bits 4 --group 64 --threads 2   # SmolLM2: time + perplexity
+    python benchmarks/bench_gptq.py compare --bits 4 --group 128 --grid minmax mse --gptqmodel-mse 2.4 \
+        --gptqmodel-settings defaults --max-chunks 32 --text /usr/share/common-licenses/GPL-3   # grids (issue 15)
     python benchmarks/bench_gptq.py compare --model falcon-40b-replica --bits 4 --group 128 --damp 0.1  # random Falcon
     python benchmarks/bench_gptq.py load --branch OUT/gptq-4bit-64g-actorder_True   # GPTQModel loads ours
     python benchmarks/bench_gptq.py memory --layers 8 32                # peak RSS vs depth
@@ -48,18 +50,25 @@ import json, os, sys, time
 import numpy as np, torch
 ref, ids_path, out, bits, group, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 damp = float(sys.argv[7]) if len(sys.argv) > 7 else 0.01
+mse = float(sys.argv[8]) if len(sys.argv) > 8 else 0.0
+settings = sys.argv[9] if len(sys.argv) > 9 else "matched"
 torch.set_num_threads(threads)
 from gptqmodel import GPTQModel, QuantizeConfig
 ids = np.load(ids_path)
 calib = [{"input_ids": torch.from_numpy(r.astype(np.int64))[None], "attention_mask": torch.ones(1, ids.shape[1], dtype=torch.long)}
          for r in ids]
-qcfg = QuantizeConfig(bits=bits, group_size=group, desc_act=True, act_group_aware=False, sym=True, damp_percent=damp,
-                      true_sequential=True, static_groups=False, format="gptq")
+if settings == "defaults":  # GPTQModel's own defaults at these bits / group (desc_act False, act_group_aware True, damp 0.05)
+    qcfg = QuantizeConfig(bits=bits, group_size=group, mse=mse)
+else:  # quantmill's settings: act-order, symmetric, --damp, true-sequential, static groups off
+    qcfg = QuantizeConfig(bits=bits, group_size=group, desc_act=True, act_group_aware=False, sym=True, damp_percent=damp,
+                          true_sequential=True, static_groups=False, format="gptq", mse=mse)
+resolved = {k: getattr(qcfg, k, None) for k in ("desc_act", "act_group_aware", "damp_percent", "sym", "true_sequential",
+                                                "static_groups", "mse")}
 t0 = time.perf_counter()
 model = GPTQModel.load(ref, qcfg, device="cpu", dtype=torch.float32)
 model.quantize(calib, batch_size=1)
 model.save(out)
-print(json.dumps({"gptqmodel_seconds_in_process": time.perf_counter() - t0}))
+print(json.dumps({"gptqmodel_seconds_in_process": time.perf_counter() - t0, "gptqmodel_config": resolved}))
 """
 
 GPTQMODEL_LOGITS = r"""
@@ -138,11 +147,12 @@ def quantmill_cli() -> list[str]:
     return [sys.executable, "-m", "quantmill.cli"]
 
 
-def verify_ppl(reference: Path, paths: list[Path], threads: int, json_path: Path, max_chunks: int | None) -> dict[str, float]:
+def verify_ppl(reference: Path, paths: list[Path], threads: int, json_path: Path, max_chunks: int | None,
+               text: Path | None = None) -> dict[str, float]:
     from quantmill.calib_data.bundled import eval_file
 
     limit = ["--max-chunks", str(max_chunks)] if max_chunks else []
-    run([*quantmill_cli(), "verify", *map(str, paths), "--reference", str(reference), "--text", str(eval_file()),
+    run([*quantmill_cli(), "verify", *map(str, paths), "--reference", str(reference), "--text", str(text or eval_file()),
          "--threads", str(threads), "--json", str(json_path), *limit],
         ok=(0, 1))  # 1: an artifact misses verify's quality thresholds; the figures are written all the same
     report = json.loads(json_path.read_text())
@@ -178,9 +188,44 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
+def _quantmill_side(args: argparse.Namespace, reference: Path, work: Path, spec: str, token_sha256: str) -> tuple[Path, float]:
+    ours = work / f"quantmill-{spec}"
+    load_before = uptime()
+    _, q_wall, q_cpu = run([*quantmill_cli(), "quantize", "gptq", str(reference), "--out", str(ours), "--branch", spec,
+                            "--calib", "bundled", "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen),
+                            "--seed", str(args.seed), "--damp", str(args.damp), "--threads", str(args.threads), "--no-progress"])
+    branch = next(p for p in ours.iterdir() if p.is_dir())
+    print(json.dumps({"tool": "quantmill", "branch": branch.name, "wall_s": round(q_wall, 1), "cpu_s": round(q_cpu, 1),
+                      "threads": args.threads, "damp": args.damp, "samples": args.samples, "seqlen": args.seqlen,
+                      "token_sha256": token_sha256, "load_avg_1m": os.getloadavg()[0], "uptime_before": load_before,
+                      "uptime_after": uptime()}), flush=True)
+    return branch, q_cpu
+
+
+def _gptqmodel_side(args: argparse.Namespace, reference: Path, work: Path, ids_path: Path, mse: float) -> tuple[Path, float] | None:
+    theirs = work / (f"gptqmodel-{args.bits}bit-{args.group}g-{args.gptqmodel_settings}" + (f"-mse{mse:g}" if mse else ""))
+    load_before = uptime()
+    try:
+        out, g_wall, g_cpu = run([str(args.gptqmodel_python), "-c", GPTQMODEL_QUANTIZE, str(reference), str(ids_path),
+                                  str(theirs), str(args.bits), str(args.group), str(args.threads), str(args.damp), str(mse),
+                                  args.gptqmodel_settings],
+                                 # GPTQModel refuses fewer than 2 CPU workers; torch threads follow --threads
+                                 env={"GPTQMODEL_CPU_WORKERS": str(max(2, args.threads)), "OMP_NUM_THREADS": str(args.threads)})
+    except SystemExit as failure:  # report GPTQModel's error and still evaluate the other branches
+        print(json.dumps({"tool": "gptqmodel-7.6.0", "mse": mse, "error": str(failure)}), flush=True)
+        return None
+    print(json.dumps({"tool": "gptqmodel-7.6.0", "branch": theirs.name, "wall_s": round(g_wall, 1), "cpu_s": round(g_cpu, 1),
+                      "threads": args.threads, "load_avg_1m": os.getloadavg()[0], "uptime_before": load_before,
+                      "uptime_after": uptime(), **json.loads(out.strip().splitlines()[-1])}), flush=True)
+    return theirs, g_cpu
+
+
 def compare(args: argparse.Namespace) -> None:
+    """Each quantmill grid (``--grid``) and GPTQModel (its default grid, and with ``--gptqmodel-mse`` its mse option),
+    one process each on the same calibration token ids; then verify on the bundled eval text and every ``--text``."""
     import numpy as np
 
+    from quantmill.calib_data.bundled import eval_file
     from quantmill.default_model import default_reference
     from quantmill.quantize.calibrate import prepare_calibration
 
@@ -192,41 +237,45 @@ def compare(args: argparse.Namespace) -> None:
     calib = prepare_calibration(reference, "bundled", args.samples, args.seqlen, args.seed)
     ids_path = work / "calib_ids.npy"
     np.save(ids_path, calib.token_ids)
-    spec = f"{args.bits}bit-{args.group}g-actorder" if args.group > 0 else f"{args.bits}bit-none-actorder"
-    ours = work / "quantmill"
-    load_before = uptime()
-    _, q_wall, q_cpu = run([*quantmill_cli(), "quantize", "gptq", str(reference), "--out", str(ours), "--branch", spec,
-                            "--calib", "bundled", "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen),
-                            "--seed", str(args.seed), "--damp", str(args.damp), "--threads", str(args.threads), "--no-progress"])
-    branch = next(p for p in ours.iterdir() if p.is_dir())
-    row = {"tool": "quantmill", "branch": branch.name, "wall_s": round(q_wall, 1), "cpu_s": round(q_cpu, 1),
-           "threads": args.threads, "damp": args.damp, "samples": args.samples, "seqlen": args.seqlen,
-           "token_sha256": calib.sha256, "load_avg_1m": os.getloadavg()[0], "uptime_before": load_before,
-           "uptime_after": uptime()}
-    print(json.dumps(row), flush=True)
-    theirs = work / f"gptqmodel-{args.bits}bit-{args.group}g"
+    base = f"{args.bits}bit-{args.group}g-actorder" if args.group > 0 else f"{args.bits}bit-none-actorder"
+    cpu: dict[str, float] = {}
+    paths: list[Path] = []
+    for grid in args.grid:
+        branch, seconds = _quantmill_side(args, reference, work, base if grid == "minmax" else f"{base}-{grid}", calib.sha256)
+        paths.append(branch)
+        cpu[branch.name] = seconds
     if not args.skip_gptqmodel:
-        load_before = uptime()
-        try:
-            out, g_wall, g_cpu = run([str(args.gptqmodel_python), "-c", GPTQMODEL_QUANTIZE, str(reference), str(ids_path),
-                                      str(theirs), str(args.bits), str(args.group), str(args.threads), str(args.damp)],
-                                     # GPTQModel refuses fewer than 2 CPU workers; torch threads follow --threads
-                                     env={"GPTQMODEL_CPU_WORKERS": str(max(2, args.threads)), "OMP_NUM_THREADS": str(args.threads)})
-        except SystemExit as failure:  # report GPTQModel's error and still evaluate quantmill's branch
-            print(json.dumps({"tool": "gptqmodel-7.6.0", "error": str(failure)}), flush=True)
-        else:
-            print(json.dumps({"tool": "gptqmodel-7.6.0", "wall_s": round(g_wall, 1), "cpu_s": round(g_cpu, 1),
-                              "threads": args.threads, "load_avg_1m": os.getloadavg()[0], "uptime_before": load_before,
-                              "uptime_after": uptime(), **json.loads(out.strip().splitlines()[-1])}), flush=True)
-            print(json.dumps({"quantmill_over_gptqmodel": {"wall": round(q_wall / g_wall, 3), "cpu": round(q_cpu / g_cpu, 3)}}),
-                  flush=True)
+        for mse in (0.0, *([args.gptqmodel_mse] if args.gptqmodel_mse else [])):
+            side = _gptqmodel_side(args, reference, work, ids_path, mse)
+            if side is not None:
+                paths.append(side[0])
+                cpu[side[0].name] = side[1]
     # a replica's float checkpoint is measured too: its perplexity is the Δppl baseline
-    paths = ([reference] if args.model != "smollm2" else []) + [branch] + ([theirs] if theirs.is_dir() else [])
-    figures = verify_ppl(reference, paths, args.threads, work / "verify.json", args.max_chunks)
-    for name, record in figures.items():
-        fields = ("format", "size_bytes", "bpw", "ppl", "ppl_stderr", "delta_ppl_pct", "kld_mean", "top1_agreement")
-        print(json.dumps({"artifact": name, **{k: record.get(k) for k in fields}}))
+    paths = ([reference] if args.model != "smollm2" else []) + paths
+    texts = [eval_file(), *args.text]
+    for i, text in enumerate(texts):
+        chunks = args.max_chunks if i == 0 else args.text_max_chunks
+        figures = verify_ppl(reference, paths, args.threads, work / f"verify-{i}-{Path(text).name}.json", chunks, Path(text))
+        for name, record in figures.items():
+            fields = ("format", "size_bytes", "bpw", "ppl", "ppl_stderr", "delta_ppl_pct", "kld_mean", "top1_agreement")
+            print(json.dumps({"text": str(text), "artifact": name, "cpu_s": cpu.get(name),
+                              **{k: record.get(k) for k in fields}}), flush=True)
+        _ratios(figures, cpu, str(text))
     print(f"work directory: {work}")
+
+
+def _ratios(figures: dict[str, dict], cpu: dict[str, float], text: str) -> None:
+    """Each quantmill branch's Δppl and CPU time over each GPTQModel run's (the goal: Δppl <= 0.8x at <= 0.5x CPU)."""
+    ours = [n for n in cpu if not n.startswith("gptqmodel-")]
+    theirs = [n for n in cpu if n.startswith("gptqmodel-")]
+    for a in ours:
+        for b in theirs:
+            da, db = figures[a].get("delta_ppl_pct"), figures[b].get("delta_ppl_pct")
+            print(json.dumps({"text": text, "quantmill": a, "gptqmodel": b,
+                              "delta_ppl_ratio": round(da / db, 3) if da is not None and db else None,
+                              "kld_ratio": round(figures[a]["kld_mean"] / figures[b]["kld_mean"], 3)
+                              if figures[a].get("kld_mean") and figures[b].get("kld_mean") else None,
+                              "cpu_ratio": round(cpu[a] / cpu[b], 3) if cpu[b] else None}), flush=True)
 
 
 def load(args: argparse.Namespace) -> None:
@@ -292,7 +341,17 @@ def main() -> None:
     c.add_argument("--skip-gptqmodel", action="store_true")
     c.add_argument("--max-chunks", type=int, default=None, help="evaluate only the first N chunks of the eval text")
     c.add_argument("--gptqmodel-python", type=Path, default=DEFAULT_GPTQMODEL_PYTHON)
-    c.add_argument("--damp", type=float, default=0.01, help="damp_percent for both tools")
+    c.add_argument("--damp", type=float, default=0.01, help="damp_percent for both tools (GPTQModel's defaults: its own)")
+    c.add_argument("--grid", nargs="+", choices=("minmax", "mse"), default=["minmax"],
+                   help="quantmill grids to run, one process each (e.g. --grid minmax mse)")
+    c.add_argument("--gptqmodel-mse", type=float, default=0.0, metavar="NORM",
+                   help="also run GPTQModel with its mse option (QuantizeConfig(mse=NORM), e.g. 2.4)")
+    c.add_argument("--gptqmodel-settings", choices=("matched", "defaults"), default="matched",
+                   help="matched: quantmill's settings (act-order, --damp); defaults: GPTQModel's QuantizeConfig defaults "
+                        "at --bits/--group (desc_act False, act_group_aware True, damp 0.05)")
+    c.add_argument("--text", type=Path, action="append", default=[],
+                   help="a further evaluation text (repeatable), e.g. /usr/share/common-licenses/GPL-3")
+    c.add_argument("--text-max-chunks", type=int, default=None, help="chunks of each --text to evaluate (default: all)")
     c.add_argument("--model", choices=("smollm2", *REPLICAS), default="smollm2",
                    help="the bundled SmolLM2 reference, or a seeded random Falcon replica (40B or 7B layout)")
     c.add_argument("--layers", type=int, default=4, help="replica: decoder layers")

@@ -122,6 +122,18 @@ def libllama_quantize_peak(shape: ModelShape) -> Peak:
     return Peak(LIBLLAMA_PROCESS_BYTES + mapped, mapped)
 
 
+def mix_peak(shape: ModelShape, refine_tokens: int | None) -> Peak:
+    """A budgeted GGUF mix: the F16 GGUF memory-mapped while its tensors are measured, then libllama's write; with
+    ``refine_tokens`` also the float32 model in torch, the hidden states at every layer's input and the reference's
+    log-probabilities (about 3 live copies). From the allocations, not yet fitted to a measured peak."""
+    write = libllama_quantize_peak(shape)
+    if refine_tokens is None:
+        return write
+    model = PROCESS_BYTES + shape.n_params * F32 + 2 * shape.largest_tensor * F32
+    activations = refine_tokens * (shape.n_layers * shape.hidden + 3 * shape.vocab) * F32
+    return Peak(max(write.rss, model + activations + shape.n_params * 2), shape.n_params * 2)
+
+
 def calibrate_peak(shape: ModelShape, corpus: str) -> int:
     """Tokenizing a corpus; ``generated`` sequences come from the whole model, loaded in float32."""
     return PROCESS_BYTES + shape.n_params * F32 if corpus == "generated" else TOKENIZE_PROCESS_BYTES

@@ -34,6 +34,19 @@ class GptqBranchInfo:
     size_bytes: int
     format: str = "gptq"  # checkpoint layout: gptq (v1) or compressed-tensors
     sym: bool = True
+    grid: str = "minmax"  # how each group's scale/zero was chosen (quantmill.quantize.gptq.grid)
+    grid_shrink_range: tuple[float, float] | None = None  # the mse search's range of shrink factors
+    grid_steps: int | None = None
+
+    @property
+    def grid_label(self) -> str:
+        """The card's Grid cell: ``min/max``, or ``mse (0.2–1, 80 steps)``."""
+        if self.grid == "minmax":
+            return "min/max"
+        if self.grid_shrink_range is None or self.grid_steps is None:
+            return self.grid
+        low, high = self.grid_shrink_range
+        return f"{self.grid} ({low:g}–{high:g}, {self.grid_steps} steps)"
 
     def clients(self, model_type: str | None) -> list[str]:
         """Runtimes whose documented support covers this branch's format, bit width and symmetry."""
@@ -89,10 +102,13 @@ def read_gptq_branch(directory: Path) -> GptqBranchInfo:
     qconfig = read_json_object(v1 if v1.is_file() else directory / "quantmill_gptq.json", "re-run the gptq stage")
     calibration = qconfig.get("meta", {}).get("calibration", {})
     size = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+    shrink = qconfig.get("grid_shrink_range")
+    steps = qconfig.get("grid_steps")
     return GptqBranchInfo(directory.name, int(qconfig["bits"]), int(qconfig["group_size"]), bool(qconfig["desc_act"]),
                           float(qconfig["damp_percent"]), str(calibration.get("source", "unknown")),
                           int(calibration.get("seqlen", 0)), size, str(qconfig.get("format", "gptq")),
-                          bool(qconfig.get("sym", True)))
+                          bool(qconfig.get("sym", True)), str(qconfig.get("grid", "minmax")),
+                          (float(shrink[0]), float(shrink[1])) if shrink else None, int(steps) if steps else None)
 
 
 def kv_cache_bytes(model: dict[str, Any]) -> int:
@@ -112,16 +128,36 @@ def model_record(config: dict[str, Any]) -> dict[str, Any]:
 def read_gguf_file(path: Path, model: dict[str, Any], report: dict[str, Any] | None) -> GgufFileInfo:
     """Figures of one GGUF file: bpw as verify measured it (read from the file when not verified)."""
     from quantmill.quantize.gguf.inspect import summarize_gguf
-    from quantmill.quantize.gguf.types import FILE_TYPES
+    from quantmill.quantize.gguf.mix import KEY_PREFIX as MIX_KEY_PREFIX
+    from quantmill.quantize.gguf.types import FILE_TYPES, FLOAT_TYPES
 
-    type_name = path.stem.rsplit("-", 1)[-1].upper()
-    measured = _verdicts(report).get(type_name)
     summary = summarize_gguf(path)
+    mix = read_mix_keys(path) if any(k.startswith(MIX_KEY_PREFIX) for k in summary.keys) else {}
+    type_name = mix.get("name") or path.stem.rsplit("-", 1)[-1].upper()
+    measured = _verdicts(report).get(type_name)
     size = path.stat().st_size
     row = FILE_TYPES.get(type_name)
+    description = row.description if row else ""
+    if mix:
+        types = ", ".join(sorted(t for t in summary.by_type if t not in FLOAT_TYPES))
+        chosen = ("imatrix-weighted error x the KLD each tensor causes alone" if mix.get("method", "").endswith("kld-gain")
+                  else "imatrix-weighted error")
+        predicted = mix.get("predicted", "")
+        description = (f"quantmill mix for {mix.get('target', '?')}: each tensor's type ({types}) chosen by a knapsack "
+                       f"over its measured {chosen}" + (f"; predicted mean KLD {predicted.split()[1]}"
+                                                        if predicted.startswith("kld ") else ""))
     return GgufFileInfo(path.name, type_name, float(measured["bpw"]) if measured is not None else summary.bpw, size,
-                        size + kv_cache_bytes(model) + RAM_OVERHEAD_BYTES, row.description if row else "",
+                        size + kv_cache_bytes(model) + RAM_OVERHEAD_BYTES, description,
                         summary.version, summary.architecture, summary.pre_tokenizer, tuple(summary.by_type))
+
+
+def read_mix_keys(path: Path) -> dict[str, str]:
+    """A budgeted mix's ``quantmill.mix.*`` keys (name, target, method), without the prefix."""
+    from quantmill.convert.gguf_reader import GGUFFile
+    from quantmill.quantize.gguf.mix import KEY_PREFIX as MIX_KEY_PREFIX
+
+    gguf_file = GGUFFile.open(path)
+    return {key.removeprefix(MIX_KEY_PREFIX): gguf_file.get_str(key) for key in gguf_file.keys() if key.startswith(MIX_KEY_PREFIX)}
 
 
 def _size(n: int) -> str:
@@ -175,15 +211,18 @@ def _prompt(settings: CardSettings) -> str:
 def gptq_card(settings: CardSettings, branches: list[GptqBranchInfo], published: dict[str, str],
               report: dict[str, Any] | None, repo_id: str, this_branch: str, model_type: str | None = None) -> str:
     """README.md of a GPTQ repository; ``published`` maps release names to the branch each is pushed to."""
-    rows = ["| Branch | Bits | GS | Act Order | Damp % | GPTQ Dataset | Seq Len | Size | ExLlama | Format | Runs in | Desc |",
-            "| ------ | ---- | -- | --------- | ------ | ------------ | ------- | ---- | ------- | ------ | ------- | ---- |"]
+    rows = ["| Branch | Bits | GS | Act Order | Damp % | Grid | GPTQ Dataset | Seq Len | Size | ExLlama | Format | Runs in "
+            "| Desc |",
+            "| ------ | ---- | -- | --------- | ------ | ---- | ------------ | ------- | ---- | ------- | ------ | ------- "
+            "| ---- |"]
     for b in branches:
         clients = b.clients(model_type)
         group = "None" if b.group_size == -1 else str(b.group_size)
         desc = (f"{b.bits}-bit, {'with' if b.desc_act else 'without'} Act Order, "
                 f"{'no grouping' if b.group_size == -1 else f'group size {b.group_size}g'}; {_measured(b.name, report)}")
         rows.append(f"| [{published[b.name]}](https://huggingface.co/{repo_id}/tree/{published[b.name]}) | {b.bits} | {group} "
-                    f"| {'Yes' if b.desc_act else 'No'} | {b.damp_percent:g} | {b.dataset} | {b.seqlen} | {_size(b.size_bytes)} "
+                    f"| {'Yes' if b.desc_act else 'No'} | {b.damp_percent:g} | {b.grid_label} | {b.dataset} | {b.seqlen} "
+                    f"| {_size(b.size_bytes)} "
                     f"| {'Yes' if 'ExLlama' in clients else 'No'} | {FORMAT_LABELS.get(b.format, b.format)} "
                     f"| {', '.join(clients)} | {desc} |")
     example = next((published[b.name] for b in branches if published[b.name] != "main"), this_branch)

@@ -53,7 +53,8 @@ def file_records(directory: Path, *, skip: tuple[str, ...] = (MANIFEST,)) -> dic
 
 def build_manifest(*, name: str, recipe: dict[str, Any], inputs: dict[str, str], outputs: dict[str, dict[str, Any]],
                    stages: dict[str, str], calibration: dict[str, Any] | None, verification: dict[str, Any] | None,
-                   threads: int, model: dict[str, Any]) -> dict[str, Any]:
+                   threads: int, model: dict[str, Any], mixes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest without its outputs' sha256s; ``mixes`` (budgeted GGUF mixes: how each was chosen) only when there are."""
     return {
         "manifest_version": MANIFEST_VERSION,
         "name": name,
@@ -68,6 +69,7 @@ def build_manifest(*, name: str, recipe: dict[str, Any], inputs: dict[str, str],
         "inputs": inputs,
         "outputs": outputs,
         "verification": verification,
+        **({"mixes": dict(sorted(mixes.items()))} if mixes else {}),
     }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -146,12 +146,14 @@ class GptqBranch(_Strict):
     dataset: str | None = None  # must agree with calibration.corpus: one pass serves every branch
     seqlen: int | None = None  # must agree with calibration.seqlen
     format: Literal["gptq", "compressed-tensors"] = "gptq"  # checkpoint layout: v1 (GPTQModel) or vLLM's pack-quantized
+    # each group's scale/zero: min/max, or mse (the Hessian-weighted clipping search, quantmill.quantize.gptq.grid)
+    grid: Literal["minmax", "mse"] = "minmax"
 
     def spec(self) -> Any:
         from quantmill.quantize.gptq.branches import BranchSpec
 
         return BranchSpec(bits=self.bits, group_size=self.group_size, desc_act=self.act_order, sym=self.sym,
-                          damp_percent=self.damp, format=self.format)
+                          damp_percent=self.damp, format=self.format, grid=self.grid)
 
 
 class Gptq(_Strict):
@@ -176,9 +178,48 @@ class Gptq(_Strict):
         return next((i for i, b in enumerate(self.branches) if b.main), 0)
 
 
+class GgufMix(_Strict):
+    """A GGUF of per-tensor types chosen for a budget (quantize/gguf/mix.py): ``target_bpw`` or ``target_size``."""
+
+    name: str
+    target_bpw: float | None = None  # checked by quantize/gguf/mix.py's MixTarget, as on the command line
+    target_size: int | str | None = None
+    # weigh each tensor's error by the KLD it causes alone, measured on the reference over the first 2 x 256 calibration tokens
+    refine: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _mix_name(cls, value: str) -> str:
+        from quantmill.quantize.gguf.mix import MixTarget
+
+        try:
+            MixTarget(bpw=5.0, name=value)
+        except UserInputError as exc:
+            raise ValueError(str(exc).split(": ", 1)[-1]) from None
+        return value
+
+    @field_validator("target_size")
+    @classmethod
+    def _target_size(cls, value: int | str | None) -> int | None:
+        return None if value is None else parse_size(value)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> GgufMix:
+        from quantmill.quantize.gguf.mix import MixTarget
+
+        if (self.target_bpw is None) == (self.target_size is None):
+            raise ValueError(f"mix {self.name!r} needs exactly one of target_bpw (e.g. 5.0) and target_size (e.g. 4.5GB)")
+        try:
+            MixTarget(size=cast("int | None", self.target_size), bpw=self.target_bpw, name=self.name)
+        except UserInputError as exc:
+            raise ValueError(str(exc).removeprefix("--target-bpw ").removeprefix("--target-size ")) from None
+        return self
+
+
 class Gguf(_Strict):
     base: Literal["f16", "bf16", "f32", "q8_0"] = "f16"
     types: list[str] = Field(default_factory=list)
+    mixes: list[GgufMix] = Field(default_factory=list)
     imatrix: bool = True
     vocab_pre: str | None = None  # llama.cpp BPE pre-tokenizer name, when the tokenizer's probe hash is unknown
 
@@ -205,6 +246,13 @@ class Gguf(_Strict):
         needing = [t for t in self.types if lookup_file_type(t).needs_imatrix]
         if needing and not self.imatrix:
             raise ValueError(f"types {', '.join(needing)} need an importance matrix but imatrix is false; set imatrix: true")
+        if self.mixes and not self.imatrix:
+            raise ValueError("mixes are chosen from the importance matrix but imatrix is false; set imatrix: true")
+        names = [t.upper() for t in self.types]
+        for mix in self.mixes:
+            if mix.name.upper() in names:
+                raise ValueError(f"mix name {mix.name!r} is already a type or mix of this recipe; give it another name")
+            names.append(mix.name.upper())
         return self
 
 
@@ -356,7 +404,7 @@ class Recipe(_Strict):
         """Names of the artifacts this recipe makes, as verify reports and overrides name them."""
         names: list[str] = []
         if self.gguf is not None:
-            names += [self.gguf.base.upper(), *self.gguf.types]
+            names += [self.gguf.base.upper(), *self.gguf.types, *(m.name for m in self.gguf.mixes)]
         if self.gptq is not None:
             names += [b.spec().release_name for b in self.gptq.branches]
         return names

@@ -6,10 +6,11 @@
 # Prints the source directory (and, with --build, the tools' directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VERSION=0.3.36
+. scripts/llama_cpp_cmake_args.sh  # the version and the build flags, shared with the wheel (setup.sh)
+VERSION=$LLAMA_CPP_VERSION
 CACHE=${QUANTMILL_CACHE:-$HOME/.cache/quantmill}
 DEST=${QUANTMILL_LLAMA_CPP_DIR:-$CACHE/llama.cpp-$VERSION}
-BUILD=$CACHE/llama.cpp-$VERSION-build
+BUILD=$CACHE/llama.cpp-$VERSION-build  # built with LLAMA_CPP_CMAKE; $BUILD/.build-tag names the flags
 if [ ! -f "$DEST/convert_hf_to_gguf.py" ]; then
     tmp=$(mktemp -d)
     .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
@@ -25,10 +26,15 @@ if [ "${1:-}" = "--build" ]; then
     tools="llama-perplexity llama-quantize llama-imatrix llama-gguf-split"
     missing=0
     for t in $tools; do [ -x "$BUILD/bin/$t" ] || missing=1; done
+    if [ "$(cat "$BUILD/.build-tag" 2>/dev/null)" != "$LLAMA_CPP_BUILD_TAG" ]; then
+        rm -rf "$BUILD"
+        missing=1
+    fi
     if [ "$missing" = 1 ]; then
-        cmake -S "$DEST" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+        cmake -S "$DEST" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF "${LLAMA_CPP_CMAKE[@]}" \
             -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF > "$CACHE/llama.cpp-build.log" 2>&1
         cmake --build "$BUILD" -j"$(nproc)" --target $tools >> "$CACHE/llama.cpp-build.log" 2>&1
+        echo "$LLAMA_CPP_BUILD_TAG" > "$BUILD/.build-tag"
     fi
     echo "$BUILD/bin"
 fi

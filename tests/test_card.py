@@ -79,8 +79,8 @@ def _rows(card: str, header: str) -> list[list[str]]:
     return rows
 
 
-GPTQ_HEADER = ("| Branch | Bits | GS | Act Order | Damp % | GPTQ Dataset | Seq Len | Size | ExLlama | Format | Runs in "
-               "| Desc |")
+GPTQ_HEADER = ("| Branch | Bits | GS | Act Order | Damp % | Grid | GPTQ Dataset | Seq Len | Size | ExLlama | Format "
+               "| Runs in | Desc |")
 GGUF_HEADER = "| Name | Quant method | Bits | Size | Max RAM required | Use case |"
 
 
@@ -99,17 +99,27 @@ def test_gptq_table_is_read_from_the_branches(release: tuple[Path, dict[str, Any
     card = cards[f"gptq/{BRANCH_4}/README.md"]
     rows = {r[0].split("]")[0].lstrip("["): r for r in _rows(card, GPTQ_HEADER)}
     assert set(rows) == {"main", BRANCH_8}  # the variant marked main is published as main
-    assert rows["main"][1:10] == ["4", "32", "Yes", "0.02", "bundled", "256", "3.0 MB", "Yes", "GPTQ (v1)"]
-    assert rows[BRANCH_8][1:9] == ["8", "None", "No", "0.02", "bundled", "256", "5.0 MB", "No"]
-    assert rows["main"][10] == "transformers + GPTQModel, vLLM, TGI, ExLlama"  # 4-bit symmetric, llama family
-    assert rows[BRANCH_8][10] == "transformers + GPTQModel, vLLM"
-    assert "Δppl +3.00%, passed" in rows["main"][11] and "FAILED verification" in rows[BRANCH_8][11]
+    assert rows["main"][1:11] == ["4", "32", "Yes", "0.02", "min/max", "bundled", "256", "3.0 MB", "Yes", "GPTQ (v1)"]
+    assert rows[BRANCH_8][1:10] == ["8", "None", "No", "0.02", "min/max", "bundled", "256", "5.0 MB", "No"]
+    assert rows["main"][11] == "transformers + GPTQModel, vLLM, TGI, ExLlama"  # 4-bit symmetric, llama family
+    assert rows[BRANCH_8][11] == "transformers + GPTQModel, vLLM"
+    assert "Δppl +3.00%, passed" in rows["main"][12] and "FAILED verification" in rows[BRANCH_8][12]
     assert "This branch: `main`" in card and f"This branch: `{BRANCH_8}`" in cards[f"gptq/{BRANCH_8}/README.md"]
     assert f"--branch {BRANCH_8} https://huggingface.co/me/Tiny-Chat-GPTQ" in card  # how to download a branch
     # the table follows the files, not the recipe: a bigger file shows a bigger size
     (release[0] / "gptq" / BRANCH_8 / "model.safetensors").write_bytes(bytes(7_000_000))
     rows = {r[0].split("]")[0].lstrip("["): r for r in _rows(_cards(release)[f"gptq/{BRANCH_4}/README.md"], GPTQ_HEADER)}
-    assert rows[BRANCH_8][7] == "7.0 MB"
+    assert rows[BRANCH_8][8] == "7.0 MB"
+
+
+def test_gptq_table_shows_each_branchs_grid(release: tuple[Path, dict[str, Any]]) -> None:
+    """The Grid column comes from quantize_config.json: min/max when it names none, the mse search with its range."""
+    config_path = release[0] / "gptq" / BRANCH_8 / "quantize_config.json"
+    qconfig = json.loads(config_path.read_text(encoding="utf-8"))
+    qconfig.update({"grid": "mse", "grid_shrink_range": [0.2, 1.0], "grid_steps": 80})
+    config_path.write_text(json.dumps(qconfig), encoding="utf-8")
+    rows = {r[0].split("]")[0].lstrip("["): r for r in _rows(_cards(release)[f"gptq/{BRANCH_4}/README.md"], GPTQ_HEADER)}
+    assert rows["main"][5] == "min/max" and rows[BRANCH_8][5] == "mse (0.2–1, 80 steps)"
 
 
 def test_clients_follow_format_bits_symmetry_and_family(release: tuple[Path, dict[str, Any]]) -> None:
@@ -128,7 +138,7 @@ def test_clients_follow_format_bits_symmetry_and_family(release: tuple[Path, dic
     root, manifest = release  # the model type comes from the manifest
     card = render_cards(root, {**manifest, "model": {**MODEL, "model_type": "falcon"}}, gptq_repo="a/b", gguf_repo="a/c",
                         published=hub_layout(manifest, root))[f"gptq/{BRANCH_4}/README.md"]
-    assert {r[0].split("]")[0].lstrip("["): r[8] for r in _rows(card, GPTQ_HEADER)}["main"] == "No"
+    assert {r[0].split("]")[0].lstrip("["): r[9] for r in _rows(card, GPTQ_HEADER)}["main"] == "No"
 
 
 def test_gguf_card_says_where_the_files_run_from_their_keys(release: tuple[Path, dict[str, Any]]) -> None:

@@ -46,6 +46,7 @@ CAPABILITIES: dict[str, str] = {
     "statistics": "the layer-by-layer statistics pass (importance matrix)",
     "gptq": "GPTQ quantization",
     "gguf-quantize": "GGUF quantization through libllama (K-quants, legacy types)",
+    "gguf-mix-gains": "a budgeted GGUF mix's KLD gains, measured one tensor at a time in torch",
     "verify-gguf": "verification of GGUF files in llama.cpp",
     "verify-torch": "verification of float and GPTQ checkpoints in torch",
 }

@@ -137,7 +137,8 @@ LLAMA_LAYOUT = PreNormLayout(
     attn_in=("self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"), mlp_in=("mlp.gate_proj", "mlp.up_proj"),
 )
 LLAMA_STAGES = frozenset(
-    {"convert", "gguf-to-hf", "merge", "bake", "statistics", "gptq", "gguf-quantize", "verify-gguf", "verify-torch"}
+    {"convert", "gguf-to-hf", "merge", "bake", "statistics", "gptq", "gguf-quantize", "gguf-mix-gains",
+     "verify-gguf", "verify-torch"}
 )
 
 

@@ -83,13 +83,17 @@ _TYPE_SUFFIX_RE = re.compile(
 )
 
 
-def default_output_path(source: Path, file_type: GGUFFileType) -> Path:
-    """llama.cpp naming: ``X-F16.gguf`` → ``X-Q4_K_M.gguf``; a name with no type gets ``-TYPE``."""
+def output_stem(source: Path) -> str:
+    """The model part of a GGUF's name: ``X-F16.gguf`` → ``X`` (a name with no type suffix is kept whole)."""
     source = Path(source)
     stem = source.stem if source.suffix.lower() == ".gguf" else source.name
     match = _TYPE_SUFFIX_RE.match(stem)
-    base = match.group("stem") if match else stem
-    return source.with_name(f"{base}-{file_type.name}.gguf")
+    return match.group("stem") if match else stem
+
+
+def default_output_path(source: Path, file_type: GGUFFileType) -> Path:
+    """llama.cpp naming: ``X-F16.gguf`` → ``X-Q4_K_M.gguf``; a name with no type gets ``-TYPE``."""
+    return Path(source).with_name(f"{output_stem(source)}-{file_type.name}.gguf")
 
 
 def parse_overrides(specs: Sequence[str]) -> tuple[TensorOverride, ...]:
@@ -166,8 +170,8 @@ def _build_params(file_type: GGUFFileType, overrides: Sequence[TensorOverride], 
     return params, table, keep_alive
 
 
-def _attach_imatrix(params: Any, imatrix_path: Path, summary: GGUFSummary) -> list[Any]:
-    """Point ``params`` at the imatrix means and its ``quantize.imatrix.*`` keys; return keepalives."""
+def _attach_imatrix(params: Any, imatrix_path: Path, summary: GGUFSummary, extra_keys: Sequence[tuple[str, int | str]]) -> list[Any]:
+    """Point ``params`` at the imatrix means and its ``quantize.imatrix.*`` keys (and ``extra_keys``); return keepalives."""
     from quantmill.quantize.gguf.imatrix import imatrix_means, read_imatrix
     from quantmill.quantize.gguf.imatrix_data import check_imatrix_fits, imatrix_kv_overrides, imatrix_param_array, kv_override_array
 
@@ -176,7 +180,7 @@ def _attach_imatrix(params: Any, imatrix_path: Path, summary: GGUFSummary) -> li
     means = imatrix_means(imatrix)
     check_imatrix_fits(means, rows, imatrix_path, summary.path)
     params.imatrix, keep = imatrix_param_array(means)
-    params.kv_overrides, kv_keep = kv_override_array(imatrix_kv_overrides(imatrix, imatrix_path.name))
+    params.kv_overrides, kv_keep = kv_override_array([*imatrix_kv_overrides(imatrix, imatrix_path.name), *extra_keys])
     return [*keep, *kv_keep]
 
 
@@ -230,7 +234,8 @@ def _quantize_failure(source: Path, target: Path, type_name: str, summary: str) 
 
 def quantize_gguf(source: str | Path, file_type: str | GGUFFileType, output: str | Path | None = None, *,
                   overrides: Sequence[TensorOverride] = (), threads: int | None = None, allow_requantize: bool = False,
-                  imatrix: str | Path | None = None, progress: bool = False) -> QuantizeResult:
+                  imatrix: str | Path | None = None, progress: bool = False,
+                  extra_keys: Sequence[tuple[str, int | str]] = ()) -> QuantizeResult:
     """Quantize the GGUF ``source`` to ``file_type`` with libllama; return what was written.
 
     ``output`` defaults to :func:`default_output_path`. ``overrides`` give tensors matching a
@@ -241,7 +246,8 @@ def quantize_gguf(source: str | Path, file_type: str | GGUFFileType, output: str
     per-column means (Σx²/count) go to libllama, and its ``quantize.imatrix.*`` keys into the
     output, as ``llama-quantize --imatrix`` does.
 
-    ``progress`` shows a per-tensor progress bar on stderr.
+    ``progress`` shows a per-tensor progress bar on stderr. ``extra_keys`` are metadata keys (int or
+    str values) written into the output.
     """
     source = Path(source)
     check_gguf_magic(source)
@@ -250,7 +256,12 @@ def quantize_gguf(source: str | Path, file_type: str | GGUFFileType, output: str
     summary = _check_request(source, target, spec, overrides, allow_requantize, imatrix)
     params, _table, _keep = _build_params(spec, overrides, threads, allow_requantize)
     if imatrix is not None:
-        _keep.extend(_attach_imatrix(params, Path(imatrix), summary))
+        _keep.extend(_attach_imatrix(params, Path(imatrix), summary, extra_keys))
+    elif extra_keys:
+        from quantmill.quantize.gguf.imatrix_data import kv_override_array
+
+        params.kv_overrides, kv_keep = kv_override_array(extra_keys)
+        _keep.extend(kv_keep)
     started = time.perf_counter()
     with (
         _progress(f"quantize {spec.name}", progress) as on_tensor,

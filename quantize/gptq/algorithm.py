@@ -7,7 +7,9 @@ are quantized one at a time in ``spec.block_size`` blocks; each column's roundin
 spread over the columns not yet quantized through the upper Cholesky factor of H⁻¹ (lazy
 batch updates across blocks). With ``desc_act`` columns go in order of decreasing H diagonal;
 ``g_idx`` maps each (original) column to its group. ``static_groups`` fixes every group's grid
-from the unquantized weights before reordering, so groups stay contiguous.
+from the unquantized weights before reordering, so groups stay contiguous. A group's grid is
+chosen as ``spec.grid`` says (:mod:`quantmill.quantize.gptq.grid`: min/max, or the mse clipping
+search weighted by H's diagonal of the group's columns, permuted with them under act-order).
 
 Damping: ``damp_percent × mean(diag H)`` is added to the diagonal. If the Cholesky
 factorisation fails, it is retried in float64, then with 10× the damping (float32, float64),
@@ -23,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from quantmill.quantize.gptq.grid import Grid, find_grid
+from quantmill.quantize.gptq.grid import Grid, choose_grid
 
 if TYPE_CHECKING:
     import torch
@@ -88,8 +90,9 @@ def inverse_cholesky_upper(hessian: torch.Tensor, damp_percent: float) -> tuple[
     return None
 
 
-def _static_grids(w: torch.Tensor, spec: BranchSpec, group: int) -> list[Grid]:
-    return [find_grid(w[:, start : start + group], spec.bits, spec.sym) for start in range(0, w.shape[1], group)]
+def _static_grids(w: torch.Tensor, diag: torch.Tensor, spec: BranchSpec, group: int) -> list[Grid]:
+    return [choose_grid(w[:, start : start + group], spec.bits, spec.sym, diag[start : start + group], spec.grid_options)
+            for start in range(0, w.shape[1], group)]
 
 
 @contextlib.contextmanager
@@ -116,6 +119,7 @@ class _Sweep:
 
     wt: torch.Tensor  # (cols, rows): weights, updated as errors are spread
     hinv: torch.Tensor  # upper Cholesky factor of H⁻¹
+    diag: torch.Tensor  # (cols,) H's diagonal (undamped), in processing order: the grid search's column weights
     spec: BranchSpec
     group: int
     order: list[int]  # original column of each processed column
@@ -140,7 +144,7 @@ class _Sweep:
             elif col % self.group == 0:  # a group starts: its grid comes from the weights as updated so far
                 end = col + self.group
                 span = w1[i : i + self.group] if end <= i2 else torch.cat((w1[i:], self.wt[i2:end]))
-                grid = find_grid(span.t(), self.spec.bits, self.spec.sym)
+                grid = choose_grid(span.t(), self.spec.bits, self.spec.sym, self.diag[col:end], self.spec.grid_options)
                 self.grids.append(grid)
             assert grid is not None
             x = w1[i]
@@ -173,10 +177,11 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: BranchSpec) -> Gptq
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    static = _static_grids(w, spec, group) if spec.static_groups else []
+    static = _static_grids(w, torch.diagonal(h), spec, group) if spec.static_groups else []
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if spec.desc_act else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
+    diag = torch.diagonal(h).clone()
     factor = inverse_cholesky_upper(h, spec.damp_percent)
     del h
     if factor is None:
@@ -184,7 +189,7 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: BranchSpec) -> Gptq
     else:
         (hinv, damp, dtype), fallback = factor, None
     sweep = _Sweep(
-        w.t().contiguous(), hinv, spec, group, perm.tolist() if perm is not None else list(range(cols)), static,
+        w.t().contiguous(), hinv, diag, spec, group, perm.tolist() if perm is not None else list(range(cols)), static,
         torch.zeros(cols, rows, device=w.device), torch.zeros(cols, rows, device=w.device),
         torch.zeros(rows, dtype=torch.float64, device=w.device), [],
     )

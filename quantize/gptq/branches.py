@@ -1,10 +1,11 @@
 """GPTQ branch specifications: the short CLI form, the release branch name, and the validation.
 
-A branch is one quantized checkpoint (bits, group size, act-order, symmetry, static groups).
+A branch is one quantized checkpoint (bits, group size, act-order, symmetry, static groups, grid).
 Short specs, as given to ``--branch``::
 
     4bit-128g-actorder        8bit-none-actorder      3bit-64g
     4bit-64g-actorder-asym    4bit-128g-actorder-static
+    4bit-64g-actorder-mse     (per-group grids by the clipping search, quantmill.quantize.gptq.grid)
     4bit-32g-actorder-ct      (the same codes in the compressed-tensors layout vLLM reads)
     main=4bit-128g-actorder   (written to the branch ``main`` instead of its release name)
 
@@ -12,8 +13,8 @@ Release names are those of the well-known "Provided files" releases::
 
     gptq-4bit-128g-actorder_True   gptq-8bit--1g-actorder_True   gptq-3bit-64g-actorder_False
 
-(``-1g`` is "no grouping"). Asymmetric and static-group branches, which those releases do not
-have, append ``-asym`` / ``-static``; a compressed-tensors branch appends ``-compressed-tensors``.
+(``-1g`` is "no grouping"). Asymmetric, static-group and mse-grid branches, which those releases do
+not have, append ``-asym`` / ``-static`` / ``-mse``; a compressed-tensors branch appends ``-compressed-tensors``.
 A release name is accepted as a spec too.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from quantmill.errors import UserInputError
 from quantmill.outputs import check_name
 from quantmill.quantize.gptq.formats import DEFAULT_FORMAT, FORMAT_WORDS, CheckpointFormat, checkpoint_format
+from quantmill.quantize.gptq.grid import GRIDS, MSE_MIN_SHRINK, MSE_STEPS, GridOptions
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)  # -1: one group over the whole input dimension
@@ -32,7 +34,7 @@ DEFAULT_DAMP_PERCENT = 0.01
 DEFAULT_BLOCK_SIZE = 128
 
 # flag word in a spec -> (field, value); the spec grammar is: BITS GROUP FLAG*
-FLAG_WORDS: dict[str, tuple[str, bool]] = {
+FLAG_WORDS: dict[str, tuple[str, bool | str]] = {
     "actorder": ("desc_act", True),
     "actorder_true": ("desc_act", True),
     "actorder_false": ("desc_act", False),
@@ -40,7 +42,10 @@ FLAG_WORDS: dict[str, tuple[str, bool]] = {
     "sym": ("sym", True),
     "asym": ("sym", False),
     "static": ("static_groups", True),
+    "mse": ("grid", "mse"),
+    "minmax": ("grid", "minmax"),
 }
+DEFAULT_GRID = "minmax"
 GROUP_WORDS: dict[str, int] = {"none": -1, "-1g": -1, "nogroup": -1}
 
 
@@ -58,9 +63,18 @@ class BranchSpec:
     block_size: int = DEFAULT_BLOCK_SIZE
     name_override: str | None = None
     format: str = "gptq"  # a key of quantmill.quantize.gptq.formats.FORMATS
+    grid: str = DEFAULT_GRID  # a key of quantmill.quantize.gptq.grid.GRIDS
+    grid_min_shrink: float = MSE_MIN_SHRINK  # the mse search's smallest range, as a fraction of min/max's
+    grid_steps: int = MSE_STEPS  # the mse search's shrink factors after 1.0
 
     def __post_init__(self) -> None:
         checkpoint_format(self.format)
+        if self.grid not in GRIDS:
+            raise UserInputError(f"--branch: grid {self.grid!r} is not known; choose one of {', '.join(GRIDS)}")
+        if not 0.0 < self.grid_min_shrink < 1.0:
+            raise UserInputError(f"grid search range {self.grid_min_shrink}: the smallest shrink must be in (0, 1), e.g. 0.2")
+        if self.grid_steps < 1:
+            raise UserInputError(f"grid search steps {self.grid_steps}: must be at least 1, e.g. {MSE_STEPS}")
         if self.bits not in SUPPORTED_BITS:
             raise UserInputError(
                 f"--branch: {self.bits}-bit GPTQ is not supported; choose bits from {', '.join(map(str, SUPPORTED_BITS))}"
@@ -88,7 +102,26 @@ class BranchSpec:
             name += "-asym"
         if self.static_groups:
             name += "-static"
+        if self.grid != DEFAULT_GRID:
+            name += f"-{self.grid}"
         return name + self.checkpoint_format.suffix
+
+    @property
+    def grid_options(self) -> GridOptions:
+        return GridOptions(self.grid, self.grid_min_shrink, self.grid_steps)
+
+    def grid_record(self) -> dict[str, Any]:
+        """quantmill's record of the grid in quantization_config: nothing for min/max (the config every v1 loader
+        knows); for the search ``grid``, ``grid_shrink_range`` and ``grid_steps``, which loaders ignore."""
+        if self.grid == DEFAULT_GRID:
+            return {}
+        return {"grid": self.grid, "grid_shrink_range": [self.grid_min_shrink, 1.0], "grid_steps": self.grid_steps,
+                "grid_stride": self.grid_options.stride}
+
+    def gptqmodel_meta(self) -> dict[str, Any]:
+        """The grid as GPTQModel 7.6 records its own in ``meta``: ``mse``, the norm of the error the search minimised
+        (ours: the Hessian-weighted square, 2.0); nothing for min/max (GPTQModel's ``mse`` 0.0)."""
+        return {} if self.grid == DEFAULT_GRID else {"mse": 2.0}
 
     @property
     def checkpoint_format(self) -> CheckpointFormat:
@@ -106,6 +139,7 @@ class BranchSpec:
         group = "none" if self.group_size == -1 else f"{self.group_size}g"
         words = [f"{self.bits}bit", group] + (["actorder"] if self.desc_act else [])
         words += ([] if self.sym else ["asym"]) + (["static"] if self.static_groups else [])
+        words += [self.grid] if self.grid != DEFAULT_GRID else []
         words += [self.checkpoint_format.word] if self.checkpoint_format.word else []
         text = "-".join(words)
         return f"{self.name_override}={text}" if self.name_override else text
@@ -126,6 +160,7 @@ class BranchSpec:
             "quant_method": "gptq",
             "checkpoint_format": "gptq",
             "pack_dtype": "int32",
+            **self.grid_record(),
         }
 
 
@@ -146,7 +181,7 @@ def parse_branch(spec: str, *, damp_percent: float = DEFAULT_DAMP_PERCENT, true_
         name, raw = (part.strip() for part in raw.split("=", 1))
     body = raw[len("gptq-"):] if raw.lower().startswith("gptq-") else raw
     words = _split_words(body)
-    hint = "write e.g. 4bit-128g-actorder, 8bit-none-actorder, 3bit-64g or 4bit-64g-actorder-asym"
+    hint = "write e.g. 4bit-128g-actorder, 8bit-none-actorder, 3bit-64g, 4bit-64g-actorder-asym or 4bit-64g-actorder-mse"
     if len(words) < 2:
         raise UserInputError(f"--branch {spec!r}: needs bits and group size; {hint}")
     bits_match = re.fullmatch(r"(\d+)bits?", words[0])
@@ -160,7 +195,7 @@ def parse_branch(spec: str, *, damp_percent: float = DEFAULT_DAMP_PERCENT, true_
         group = int(group_match.group(1))
     else:
         raise UserInputError(f"--branch {spec!r}: {group_word!r} is not a group size; {hint}")
-    fields: dict[str, bool] = {}
+    fields: dict[str, Any] = {}
     named_format: str | None = None
     for word in words[2:]:
         if word in FORMAT_WORDS:

@@ -151,7 +151,7 @@ def write_configs(directory: Path, source_dir: Path, source_config: dict[str, An
         _write_json(directory / BRANCH_RECORD, {"format": spec.format, "branch": spec.short, "bits": spec.bits,
                                                 "group_size": spec.group_size, "desc_act": spec.desc_act,
                                                 "sym": spec.sym, "static_groups": spec.static_groups,
-                                                "damp_percent": spec.damp_percent,
+                                                "damp_percent": spec.damp_percent, **spec.grid_record(),
                                                 "meta": {"quantizer": [f"quantmill:{__version__}"], **(meta or {})}})
         _write_config_json(directory, source_dir, source_config, qconfig)
         return

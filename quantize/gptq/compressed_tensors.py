@@ -97,8 +97,10 @@ def dequantize_compressed(linear: CompressedLinear, sym: bool) -> np.ndarray:
     return (scales[:, g] * (codes - zeros[:, g]).astype(np.float32)).astype(np.float32)
 
 
-def weight_args(bits: int, group_size: int, sym: bool, desc_act: bool, static_groups: bool) -> dict[str, Any]:
-    """The ``weights`` QuantizationArgs of the branch's one config group."""
+def weight_args(bits: int, group_size: int, sym: bool, desc_act: bool, static_groups: bool,
+                observer: str = "minmax") -> dict[str, Any]:
+    """The ``weights`` QuantizationArgs of the branch's one config group (``observer``: minmax, or mse for a branch
+    whose grids came from quantmill's clipping search; its parameters are in quantmill_gptq.json)."""
     if not desc_act:
         actorder = None
     elif static_groups or group_size == -1:
@@ -114,19 +116,19 @@ def weight_args(bits: int, group_size: int, sym: bool, desc_act: bool, static_gr
         "block_structure": None,
         "dynamic": False,
         "actorder": actorder,
-        "observer": "minmax",
+        "observer": observer,
         "observer_kwargs": {},
     }
 
 
 def compressed_tensors_config(bits: int, group_size: int, sym: bool, desc_act: bool, static_groups: bool,
-                              ignore: list[str]) -> dict[str, Any]:
+                              ignore: list[str], observer: str = "minmax") -> dict[str, Any]:
     """config.json's ``quantization_config`` of a pack-quantized W{bits}A16 checkpoint."""
     return {
         "config_groups": {
             "group_0": {
                 "targets": ["Linear"],
-                "weights": weight_args(bits, group_size, sym, desc_act, static_groups),
+                "weights": weight_args(bits, group_size, sym, desc_act, static_groups, observer),
                 "input_activations": None,
                 "output_activations": None,
                 "format": FORMAT,

@@ -36,8 +36,11 @@ class BranchSpec(Protocol):
     def desc_act(self) -> bool: ...
     @property
     def static_groups(self) -> bool: ...
+    @property
+    def grid(self) -> str: ...
 
     def quantization_config(self) -> dict[str, Any]: ...
+    def gptqmodel_meta(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ def _pack_v1(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g_idx: np
 def _config_v1(spec: BranchSpec, meta: dict[str, Any]) -> dict[str, Any]:
     from quantmill import __version__
 
-    return {**spec.quantization_config(), "meta": {"quantizer": [f"quantmill:{__version__}"], **meta}}
+    return {**spec.quantization_config(), "meta": {"quantizer": [f"quantmill:{__version__}"], **spec.gptqmodel_meta(), **meta}}
 
 
 def _pack_ct(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g_idx: np.ndarray, spec: BranchSpec) -> PackedTensors:
@@ -72,7 +75,7 @@ def _config_ct(spec: BranchSpec, meta: dict[str, Any]) -> dict[str, Any]:
     from quantmill.quantize.gptq.compressed_tensors import compressed_tensors_config
 
     return compressed_tensors_config(spec.bits, spec.group_size, spec.sym, spec.desc_act, spec.static_groups,
-                                     ignore=["lm_head"])
+                                     ignore=["lm_head"], observer=spec.grid)
 
 
 DEFAULT_FORMAT = "gptq"

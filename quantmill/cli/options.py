@@ -11,7 +11,7 @@ checkpoint_dir_option = click.option(
          "directory after a kill resumes at the first unfinished layer, with the same output bytes (removed when done)")
 
 
-def _size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+def size_callback(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
     from quantmill.recipe import parse_size
 
     if value is None:
@@ -23,7 +23,7 @@ def _size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> in
 
 
 max_memory_option = click.option(
-    "--max-memory", callback=_size, default=None, metavar="SIZE",
+    "--max-memory", callback=size_callback, default=None, metavar="SIZE",
     help="peak resident memory the layer-by-layer passes must stay under (e.g. 20GB, 500MiB; run: over the recipe's "
          "resources.memory): above it their activation streams are spilled to disk; refused before any work when even "
          "that does not fit. Outputs are the same bytes")

@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from quantmill.calib_data.bundled import BUNDLED_SPEC
-from quantmill.cli.options import checkpoint_dir_option, max_memory_option
+from quantmill.cli.options import checkpoint_dir_option, max_memory_option, size_callback
+
+if TYPE_CHECKING:
+    from quantmill.quantize.gguf.libllama import QuantizeResult
 
 BRANCH_HELP = (
-    "a branch to write, as BITSbit-GROUP[-actorder][-asym][-static] with GROUP 32g/64g/128g/none, "
-    "e.g. 4bit-128g-actorder, 8bit-none-actorder, 3bit-64g; NAME=SPEC writes it to branch NAME (e.g. main=4bit-128g-actorder). "
+    "a branch to write, as BITSbit-GROUP[-actorder][-asym][-static][-mse] with GROUP 32g/64g/128g/none, "
+    "e.g. 4bit-128g-actorder, 8bit-none-actorder, 3bit-64g (mse: each group's scale/zero by a clipping search weighted "
+    "by the inputs' energy instead of min/max); NAME=SPEC writes it to branch NAME (e.g. main=4bit-128g-actorder). "
     "Repeat for several branches; they share one streaming pass."
 )
 
@@ -34,7 +39,7 @@ def quantize() -> None:
 
 @quantize.command("gguf")
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--type", "type_name", cls=_TypeOption, required=True, metavar="TYPE")
+@click.option("--type", "type_name", cls=_TypeOption, default=None, metavar="TYPE")
 @click.option("--out", "output", type=click.Path(path_type=Path), default=None,
               help="Output file [default: the input's name with its type suffix replaced, e.g. X-F16.gguf → X-Q4_K_M.gguf].")
 @click.option("--override-tensor", "overrides", multiple=True, metavar="REGEX=TYPE",
@@ -44,15 +49,43 @@ def quantize() -> None:
 @click.option("--threads", type=int, default=None, help="Quantization threads [default: all hardware threads].")
 @click.option("--allow-requantize", is_flag=True, default=False,
               help="Accept an input whose weights are already quantized (quality compounds the loss).")
-def quantize_gguf(model: Path, type_name: str, output: Path | None, overrides: tuple[str, ...], imatrix: Path | None,
-                  threads: int | None, allow_requantize: bool) -> None:
-    """Quantize the GGUF file MODEL with llama.cpp's own quantizer (libllama)."""
+@click.option("--target-size", callback=size_callback, default=None, metavar="SIZE",
+              help="Instead of --type: a mix of per-tensor types chosen for a file of at most SIZE (e.g. 95MiB, 4.5GB), "
+                   "the least imatrix-weighted error for the bytes; needs --imatrix.")
+@click.option("--target-bpw", type=float, default=None, metavar="BPW",
+              help="Instead of --type: a mix for at most BPW bits per weight of tensor data (as llama.cpp counts them).")
+@click.option("--mix-name", default=None, help="The mix's name (file name and metadata) [default: QM-<bpw> or QM-<MiB>MiB].")
+@click.option("--refine", "refine_with", type=click.Path(path_type=Path, file_okay=False), default=None, metavar="HF_DIR",
+              help="Weigh each tensor's error by the KL divergence it causes alone, measured on the float model HF_DIR "
+                   "(the checkpoint MODEL was converted from) over a short calibration text.")
+@click.option("--refine-tokens", type=(int, int), default=None, metavar="SAMPLES SEQLEN",
+              help="The short text for --refine: SAMPLES sequences of SEQLEN tokens of the bundled calibration corpus "
+                   "(seed 0) [default: 2 256].")
+@click.option("--gains-from", "gains_from", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="REPORT",
+              help="Take the KLD gains from the --report of an earlier --refine'd mix of the same GGUF (they do not "
+                   "depend on the budget) instead of measuring them again.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write the mix (type per tensor, predicted error/KLD, how it was chosen) to this JSON file.")
+def quantize_gguf(model: Path, type_name: str | None, output: Path | None, overrides: tuple[str, ...], imatrix: Path | None,
+                  threads: int | None, allow_requantize: bool, target_size: int | None, target_bpw: float | None,
+                  mix_name: str | None, refine_with: Path | None, refine_tokens: tuple[int, int] | None, gains_from: Path | None,
+                  report_path: Path | None) -> None:
+    """Quantize the GGUF file MODEL with llama.cpp's own quantizer (libllama): one --type, or a mix for a budget."""
+    from quantmill.errors import UserInputError
     from quantmill.quantize.gguf.inspect import format_summary
     from quantmill.quantize.gguf.libllama import parse_overrides
     from quantmill.quantize.gguf.libllama import quantize_gguf as run_quantize
 
-    result = run_quantize(model, type_name, output, overrides=parse_overrides(overrides), threads=threads,
-                          allow_requantize=allow_requantize, imatrix=imatrix, progress=sys.stderr.isatty())
+    mixing = target_size is not None or target_bpw is not None
+    if mixing == (type_name is not None):
+        raise UserInputError("quantize gguf: pass --type TYPE, or --target-size/--target-bpw for a mix (not both)")
+    if mixing:
+        result = _quantize_mix(model, output, imatrix, threads, target_size, target_bpw, mix_name, overrides,
+                               refine_with, refine_tokens, gains_from, report_path)
+    else:
+        assert type_name is not None
+        result = run_quantize(model, type_name, output, overrides=parse_overrides(overrides), threads=threads,
+                              allow_requantize=allow_requantize, imatrix=imatrix, progress=sys.stderr.isatty())
     summary = result.summary
     click.echo(
         f"wrote {result.output} ({result.file_type.name}, {summary.file_size / 2**20:.2f} MiB, "
@@ -66,6 +99,42 @@ def quantize_gguf(model: Path, type_name: str, output: Path | None, overrides: t
         click.echo("\n".join([f"{len(result.fallbacks)} tensor(s) fell back: rows not a multiple of the block size:",
                               *(f"  {len(names)} x {wanted} -> {used} (row length {row}), e.g. {names[0]}"
                                 for (wanted, used, row), names in sorted(groups.items()))]))
+
+
+def _quantize_mix(model: Path, output: Path | None, imatrix: Path | None, threads: int | None, target_size: int | None,
+                  target_bpw: float | None, mix_name: str | None, overrides: tuple[str, ...], refine_with: Path | None,
+                  refine_tokens: tuple[int, int] | None, gains_from: Path | None,
+                  report_path: Path | None) -> QuantizeResult:
+    from quantmill.errors import UserInputError
+    from quantmill.quantize.gguf.mix import MixTarget, choose_mix, write_mix
+
+    if imatrix is None:
+        raise UserInputError("--target-size/--target-bpw: a mix is chosen from the importance matrix; pass --imatrix FILE "
+                             "(make one with `quantmill calibrate`)")
+    if overrides:
+        raise UserInputError("--override-tensor: a mix chooses every tensor's type itself; drop the overrides or use --type")
+    target = MixTarget(size=target_size, bpw=target_bpw, name=mix_name)
+    gains = None
+    if gains_from is not None:
+        from quantmill.jsonio import read_json_object
+
+        gains = read_json_object(gains_from, "pass the --report of a --refine'd mix").get("gains")
+        if not isinstance(gains, dict):
+            raise UserInputError(f"{gains_from}: holds no gains; pass the --report of a mix made with --refine")
+    plan = choose_mix(model, imatrix, target, threads=threads or 1, refine_with=refine_with, refine_tokens=refine_tokens,
+                      gains=gains, output=output, progress=sys.stderr.isatty())
+    result = write_mix(plan, output, threads=threads, progress=sys.stderr.isatty())
+    counts = ", ".join(f"{n} {t}" for t, n in plan.type_counts().items())
+    what = "predicted mean KLD" if plan.refined else "predicted imatrix-weighted error"
+    click.echo(f"mix {target.label} for {target.describe()}: {counts}; {what} {plan.predicted:.5g}; chosen in {plan.seconds:.1f} s")
+    if report_path is not None:
+        import json
+
+        from quantmill.atomic import write_text_atomic
+
+        record = {**plan.record(), "seconds_to_choose": round(plan.seconds, 2)}
+        write_text_atomic(report_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return result
 
 
 @quantize.command("gptq")

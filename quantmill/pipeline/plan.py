@@ -11,12 +11,26 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from quantmill.errors import InputFileError
 from quantmill.hashing import sha256_file
 from quantmill.manifest import canonical_json
 from quantmill.pipeline.context import StageParams, gguf_file_name
-from quantmill.pipeline.stages import STAGES, bake, calibrate, gguf, gguf_base, gptq, imatrix, merge, release, source, verify
+from quantmill.pipeline.stages import (
+    STAGES,
+    bake,
+    calibrate,
+    gguf,
+    gguf_base,
+    gguf_mix,
+    gptq,
+    imatrix,
+    merge,
+    release,
+    source,
+    verify,
+)
 from quantmill.pipeline.stages.source import check_source_weights, model_files
 from quantmill.recipe import BundledSource, HubSource, LoadedRecipe, LocalSource
 
@@ -168,7 +182,7 @@ def build_plan(loaded: LoadedRecipe, weights: bool = True) -> Plan:
         model = add("bake", bake.KIND.name, bake.BakeParams(model=model, rope=recipe.rope), (model,))
 
     calib = None
-    needs_imatrix = recipe.gguf is not None and recipe.gguf.imatrix and bool(recipe.gguf.types)
+    needs_imatrix = recipe.gguf is not None and recipe.gguf.imatrix and bool(recipe.gguf.types or recipe.gguf.mixes)
     if recipe.gptq is not None or needs_imatrix:
         cal = recipe.calibration
         corpus = loaded.input_path(cal.corpus)
@@ -202,6 +216,14 @@ def build_plan(loaded: LoadedRecipe, weights: bool = True) -> Plan:
             params = gguf.GgufParams(type=file_type, base=base, base_file=base_file, imatrix=matrix,
                                      file=gguf_file_name(name, file_type), threads=threads)
             artifacts.append(add(f"gguf-{file_type}", gguf.KIND.name, params, (base, matrix) if matrix else (base,)))
+        for mix in recipe.gguf.mixes:
+            assert matrix is not None and calib is not None
+            mix_params = gguf_mix.GgufMixParams(
+                name=mix.name, target_bpw=mix.target_bpw, target_size=cast("int | None", mix.target_size),
+                refine=mix.refine, model=model, calibration=calib, base=base, base_file=base_file, imatrix=matrix,
+                file=gguf_file_name(name, mix.name), threads=threads)
+            deps = (base, matrix, *((model, calib) if mix.refine else ()))
+            artifacts.append(add(f"gguf-{mix.name}", gguf_mix.KIND.name, mix_params, deps))
     check = None
     if recipe.verify is not None:
         settings = recipe.verify

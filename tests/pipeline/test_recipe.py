@@ -59,6 +59,7 @@ MALFORMED: list[tuple[str, Any, tuple[str, ...]]] = [
     ("unknown-quant-type", _with("gguf.types", ["Q4_K_M", "Q4_K_X"]), ("gguf.types", "'Q4_K_X'", "not a GGUF quant type", "Q8_0")),
     ("unknown-gptq-bits", _with("gptq.branches.0.bits", 5), ("gptq.branches.0.bits", "5")),
     ("unknown-group-size", _with("gptq.branches.1.group_size", 100), ("gptq.branches.1.group_size", "100")),
+    ("unknown-gptq-grid", _with("gptq.branches.0.grid", "best"), ("gptq.branches.0.grid", "'best'", "mse")),
     ("two-main-branches", _with("gptq.branches.1.main", True), ("both main", "at most one")),
     ("same-variant-twice", _with("gptq.branches", [{"bits": 4, "group_size": 32}, {"bits": 4, "group_size": 32}]), ("same variant",)),
     ("duplicate-gguf-type", _with("gguf.types", ["Q4_K_M", "q4_k_m"]), ("listed twice",)),
@@ -219,3 +220,13 @@ def test_default_release_is_the_bundled_recipe_with_its_options(tmp_path: Path, 
     assert len(recipe.gptq.branches) == 2  # type: ignore[union-attr]
     assert main(["default-release", "--out", str(tmp_path / "out"), "--type", "Q9_K"]) == 2
     assert "Q9_K" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_grid_mse_changes_the_gptq_key_and_the_branch_name(root: Path) -> None:
+    from quantmill.pipeline.plan import build_plan
+
+    first = {n.name: n.key for n in build_plan(load_recipe(write_recipe(root))).nodes}
+    plan = build_plan(load_recipe(write_recipe(root, _with("gptq.branches.0.grid", "mse"))))
+    changed = {n.name: n.key for n in plan.nodes}
+    assert {k for k in first if first[k] != changed.get(k)} == {"gptq", "verify", "release"}
+    assert "gptq-4bit-32g-actorder_True-mse" in plan.node("verify").params.artifacts  # type: ignore[attr-defined]

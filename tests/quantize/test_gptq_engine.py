@@ -164,7 +164,7 @@ def test_dequantized_model_is_close_to_the_float_model(tiny: Path, calib: Calibr
 
 
 def test_same_inputs_give_byte_identical_files(tiny: Path, calib: CalibrationSet, tmp_path: Path) -> None:
-    specs = parse_branches(["4bit-32g-actorder", "3bit-64g-asym"])
+    specs = parse_branches(["4bit-32g-actorder", "3bit-64g-asym", "4bit-32g-actorder-mse"])
     quantize_branches(tiny, calib, specs, tmp_path / "a", QUIET)
     quantize_branches(tiny, calib, specs, tmp_path / "b", QUIET)
     for spec in specs:

@@ -63,8 +63,10 @@ print(json.dumps(out))
 """
 # GPTQModel's own loader refuses every asymmetric v1 checkpoint not made by GPTQModel >= 0.9 (old AutoGPTQ
 # wrote broken ones); transformers' loader reads them.
+# mse-grid branches (issue 15) carry extra quantization_config keys (mse, grid, grid_shrink_range, grid_steps).
 LOADERS = {"4bit-32g-actorder": "gptqmodel,transformers", "3bit-32g": "gptqmodel", "8bit-none-actorder": "gptqmodel",
-           "2bit-64g-actorder-asym": "transformers"}
+           "2bit-64g-actorder-asym": "transformers", "4bit-32g-actorder-mse": "gptqmodel,transformers",
+           "3bit-64g-asym-mse": "transformers"}
 
 
 needs_gptqmodel = pytest.mark.skipif(

@@ -40,8 +40,13 @@ def run(ctx: StageContext, params: ReleaseParams) -> None:
     for path, output in ctx.outputs:
         if output.dst is not None:
             link_tree(path, out / output.dst)
-        if output.manifest is not None:
-            entries[output.manifest] = read_json_object(path, "re-run the stage that wrote it")
+        if output.manifest is not None:  # "key" fills a manifest entry, "key/name" one entry of a mapping
+            key, _, item = output.manifest.partition("/")
+            record = read_json_object(path, "re-run the stage that wrote it")
+            if item:
+                entries.setdefault(key, {})[item] = record
+            else:
+                entries[key] = record
     config = read_json_object(ctx.checkpoint(params.model) / "config.json", "re-run the source stage")
     draft = build_manifest(name=params.name, recipe=params.recipe, inputs=params.inputs, outputs={},
                            stages=params.stages, threads=params.threads, model=model_record(config), **entries)
