@@ -192,8 +192,8 @@ def candidate_types(n_per_row: int, names: Sequence[str] = CANDIDATE_TYPES) -> l
 
 
 def measure_costs(source: Path, means: dict[str, np.ndarray], *, max_rows: int | None = DEFAULT_MAX_ROWS,
-                  types: Sequence[str] = CANDIDATE_TYPES, threads: int = 1) -> tuple[list[TensorCost], int, int, int]:
-    """Every quantized tensor's options; also the fixed tensor bytes (and padded), and the header bytes."""
+                  types: Sequence[str] = CANDIDATE_TYPES, threads: int = 1) -> tuple[list[TensorCost], Fixed]:
+    """Every quantized tensor's options, and what the mix does not choose (one read of the file)."""
     import numpy as np
     from gguf import GGUFReader
 
@@ -202,7 +202,7 @@ def measure_costs(source: Path, means: dict[str, np.ndarray], *, max_rows: int |
 
     reader = GGUFReader(source)
     costs: list[TensorCost] = []
-    fixed = fixed_padded = 0
+    fixed = fixed_padded = fixed_elements = 0
     tensors = sorted(reader.tensors, key=lambda t: t.name)
     todo = [t for t in tensors if quantized_by_libllama(t.name, len(t.shape))]
     bar = LayerProgress("mix: measuring tensors", len(todo), 0, bars=False)
@@ -211,6 +211,7 @@ def measure_costs(source: Path, means: dict[str, np.ndarray], *, max_rows: int |
         if tensor not in todo:
             fixed += int(tensor.n_bytes)
             fixed_padded += _padded(int(tensor.n_bytes))
+            fixed_elements += int(tensor.n_elements)
             continue
         n_per_row = shape[0]
         rows = int(np.prod(shape[1:]))
@@ -229,7 +230,17 @@ def measure_costs(source: Path, means: dict[str, np.ndarray], *, max_rows: int |
         costs.append(TensorCost(tensor.name, shape, sorted(options, key=lambda o: (o.n_bytes, o.error, o.type_name))))
         bar.advance(tensor.name)
     bar.close()
-    return costs, fixed, fixed_padded, int(reader.data_offset)
+    return costs, Fixed(fixed, fixed_padded, fixed_elements, int(reader.data_offset))
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """What a mix does not choose: the tensors libllama copies (norms), and the file's header."""
+
+    n_bytes: int
+    padded: int  # each tensor padded to the alignment
+    n_elements: int
+    header_bytes: int  # metadata and tensor infos of the source, where its tensor data starts
 
 
 def _hull(options: list[Option], gain: float) -> list[Option]:
@@ -283,12 +294,12 @@ def choose_types(costs: Sequence[TensorCost], budget: int) -> dict[str, str]:
     return {name: hulls[name][at[name]].type_name for name in sorted(hulls)}
 
 
-def _budget(target: MixTarget, header: int, fixed_padded: int, fixed: int, n_elements: int) -> int:
+def _budget(target: MixTarget, fixed: Fixed, n_elements: int) -> int:
     if target.size is not None:
-        return target.size - header - HEADER_MARGIN - fixed_padded
+        return target.size - fixed.header_bytes - HEADER_MARGIN - fixed.padded
     assert target.bpw is not None
     # bpw counts unpadded tensor bytes; the chosen tensors' padding is at most GGUF_ALIGNMENT each, a rounding error
-    return int(target.bpw * n_elements / 8) - fixed
+    return int(target.bpw * n_elements / 8) - fixed.n_bytes
 
 
 def mix_output_path(source: Path, target: MixTarget, output: str | Path | None) -> Path:
@@ -318,7 +329,7 @@ def choose_mix(source: str | Path, imatrix: str | Path, target: MixTarget, *, ma
                  inputs=[source, imatrix], owned=gguf_signature)
     started = time.perf_counter()
     means = imatrix_means(read_imatrix(imatrix))
-    costs, fixed, fixed_padded, header = measure_costs(source, means, max_rows=max_rows, types=types, threads=threads)
+    costs, fixed = measure_costs(source, means, max_rows=max_rows, types=types, threads=threads)
     method: dict[str, Any] = {"objective": "imatrix-weighted squared error", "candidates": list(types),
                               "rows_measured_per_tensor": max_rows}
     if gains is not None:
@@ -343,20 +354,15 @@ def choose_mix(source: str | Path, imatrix: str | Path, target: MixTarget, *, ma
                    "gain_probe_types": list(PROBE_TYPES), "gain_tokens": list(ids.shape)}
     for cost in costs:
         cost.gain = gains[cost.name] if gains is not None else 1.0
-    n_elements = sum(c.n_elements for c in costs) + _fixed_elements(source)
-    budget = _budget(target, header, fixed_padded, fixed, n_elements)
+    n_elements = sum(c.n_elements for c in costs) + fixed.n_elements
+    budget = _budget(target, fixed, n_elements)
     chosen = choose_types(costs, budget)
-    plan = MixPlan(source, imatrix, target, costs, chosen, budget, fixed, fixed_padded, header + HEADER_MARGIN, n_elements,
+    plan = MixPlan(source, imatrix, target, costs, chosen, budget, fixed.n_bytes, fixed.padded, fixed.header_bytes + HEADER_MARGIN,
+                   n_elements,
                    gains is not None, time.perf_counter() - started, method)
     LOG.info("mix %s: %d tensors, %.3f bpw, predicted %s %.4g", target.label, len(costs), plan.bpw,
              "KLD" if plan.refined else "error", plan.predicted)
     return plan
-
-
-def _fixed_elements(source: Path) -> int:
-    from gguf import GGUFReader
-
-    return sum(int(t.n_elements) for t in GGUFReader(source).tensors if not quantized_by_libllama(t.name, len(t.shape)))
 
 
 def file_type_for(types: dict[str, str], costs: Sequence[TensorCost]) -> str:
