@@ -53,7 +53,10 @@ def outputs(params: GgufMixParams) -> list[Output]:
 def estimate(size: ModelSize, params: GgufMixParams) -> Estimate:
     bpw = params.target_bpw if params.target_bpw is not None else 8.0 * (params.target_size or 0) / max(size.n_params, 1)
     tokens = REFINE_TOKENS[0] * REFINE_TOKENS[1] if params.refine else None
-    return Estimate.of(size, size.n_params * bpw / 8 * 1.05, 1.5, lambda s: mix_peak(s.known_shape, tokens))
+    # seconds per million parameters at 2 threads, measured on SmolLM2 (BENCHMARKS.md, a loaded machine): the errors
+    # 0.4 (50 s), the gains 5.5 more (one model run per tensor; it grows faster than the model on larger ones)
+    seconds = 0.4 + (5.5 if params.refine else 0.0)
+    return Estimate.of(size, size.n_params * bpw / 8 * 1.05, seconds, lambda s: mix_peak(s.known_shape, tokens))
 
 
 KIND = StageKind("gguf-mix", 1, GgufMixParams, run, estimate, outputs, needs=lambda p: ("gguf-quantize", *(("gguf-mix-gains",) if p.refine else ())))
