@@ -302,6 +302,17 @@ def _budget(target: MixTarget, fixed: Fixed, n_elements: int) -> int:
     return int(target.bpw * n_elements / 8) - fixed.n_bytes
 
 
+def is_mix_report(path: Path) -> bool:
+    """Whether ``path`` is a mix report ``quantize gguf --report`` wrote (so writing it again is expected)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"name", "target", "types", "method"} <= set(data)
+
+
 def mix_output_path(source: Path, target: MixTarget, output: str | Path | None) -> Path:
     """``--out``, or the source's name with its type suffix replaced by the mix's name (``X-F16.gguf`` → ``X-QM-5.0.gguf``)."""
     from quantmill.quantize.gguf.libllama import output_stem

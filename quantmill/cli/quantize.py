@@ -114,6 +114,12 @@ def _quantize_mix(model: Path, output: Path | None, imatrix: Path | None, thread
     if overrides:
         raise UserInputError("--override-tensor: a mix chooses every tensor's type itself; drop the overrides or use --type")
     target = MixTarget(size=target_size, bpw=target_bpw, name=mix_name)
+    if report_path is not None:  # before any work: never over an input, the mix itself, or a file that is not a report
+        from quantmill.outputs import check_output
+        from quantmill.quantize.gguf.mix import is_mix_report, mix_output_path
+
+        check_output(report_path, kind="file", flag="--report", command="quantize gguf", owned=is_mix_report,
+                     inputs=[model, imatrix, mix_output_path(model, target, output), *([gains_from] if gains_from else [])])
     gains = None
     if gains_from is not None:
         from quantmill.jsonio import read_json_object

@@ -139,6 +139,11 @@ def test_cli_writes_a_mix_and_its_report(model: tuple[Path, Path], tmp_path: Pat
     record = json.loads(report.read_text())
     assert record["types"] == {k: v for k, v in summarize_gguf(out).tensor_types().items() if k in record["types"]}
     assert record["bpw"] <= 5.0
+    first = out.read_bytes()
+    # the same command again replaces its own two outputs, with the same bytes
+    assert main(["quantize", "gguf", str(source), "--imatrix", str(imatrix), "--target-bpw", "5.0", "--out", str(out),
+                 "--report", str(report)]) == 0
+    assert out.read_bytes() == first and json.loads(report.read_text())["types"] == record["types"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -147,18 +152,23 @@ def test_cli_writes_a_mix_and_its_report(model: tuple[Path, Path], tmp_path: Pat
     ([], "pass --type"),
     (["--target-bpw", "2.7", "--imatrix", "IM"], "raise --target-size"),
     (["--target-bpw", "1.2", "--imatrix", "IM"], "must be above 2.625"),
+    (["--target-bpw", "5", "--imatrix", "IM", "--report", "IM"], "--report"),
+    (["--target-bpw", "5", "--imatrix", "IM", "--report", "NOTES"], "is not an earlier quantize gguf output"),
 ])
 def test_cli_refusals_are_one_line_with_exit_2(model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                 args: list[str], message: str) -> None:
     from conftest import error_lines
 
     source, imatrix = model
-    args = [str(imatrix) if a == "IM" else a for a in args]
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}', encoding="utf-8")
+    args = [{"IM": str(imatrix), "NOTES": str(notes)}.get(a, a) for a in args]
     out = tmp_path / "out.gguf"
     assert main(["quantize", "gguf", str(source), "--out", str(out), *args]) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and message in lines[0]
     assert not out.exists()
+    assert notes.read_text(encoding="utf-8") == '{"mine": 1}'  # never overwritten
 
 
 def test_refined_gains_predict_the_kld_of_one_tensor(model: tuple[Path, Path], tmp_path: Path) -> None:
