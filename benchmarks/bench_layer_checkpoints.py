@@ -52,9 +52,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from quantmill.calib_data.sampling import save_calibration_set
+    from quantmill.convert.safetensors_io import parse_size
     from quantmill.default_model import default_reference
     from quantmill.quantize.calibrate import prepare_calibration
-    from quantmill.recipe import parse_size
 
     model = default_reference()
     if args.only is None:

@@ -31,6 +31,7 @@ import numpy as np
 
 from quantmill.convert.arch import for_config
 from quantmill.convert.arch.fields import check_fields
+from quantmill.device import resolve_device
 from quantmill.errors import InputFileError, UserInputError
 from quantmill.jsonio import read_json_object
 from quantmill.quantize.cost import DEFAULT_BATCH_TOKENS, KEEP_BYTES
@@ -209,7 +210,7 @@ class LayerwiseRunner:
         if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
             raise UserInputError(f"calibration token ids must be a non-empty (samples, seqlen) array, got shape {ids.shape}")
         self.token_ids = ids.astype(np.int64)
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(device))  # auto -> cuda or cpu; an unseen CUDA device refused
         self.dtype = getattr(torch, dtype)
         self.batch_size = max(1, batch_tokens // ids.shape[1])
         self.progress = progress

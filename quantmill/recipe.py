@@ -260,7 +260,7 @@ class Verify(_Strict):
     text: str = BUNDLED
     n_ctx: int = Field(default=512, ge=16)
     max_chunks: int | None = Field(default=32, ge=2)
-    devices: list[Literal["cpu", "cuda"]] = Field(default=["cpu"], min_length=1)
+    devices: list[Literal["cpu", "cuda", "auto"]] = Field(default=["cpu"], min_length=1)
     # pass/fail limits per artifact (verify's Threshold: max_kld_mean, min_top1_agreement, max_delta_ppl_pct)
     thresholds: Threshold = Threshold()
     use_default_thresholds: bool = True  # also apply verify's own per-quant-type limits, where it has them
@@ -324,9 +324,12 @@ PublishTarget = Annotated[GitTarget | HubTarget, Field(discriminator="kind")]
 
 class Resources(_Strict):
     """What the run may use. ``memory``: the peak resident memory a layer-by-layer stage must stay under (e.g. 20GB);
-    above it the activation streams are spilled to disk. It never changes an output byte, so it is not in a stage key."""
+    above it the activation streams are spilled to disk. It never changes an output byte, so it is not in a stage key.
+    ``device``: where the torch stages run (cpu, cuda, or auto: CUDA when torch sees a GPU)."""
 
     memory: int | str | None = None
+    # where the torch stages (imatrix statistics, GPTQ) run; hashed into their keys (except cpu), unlike memory
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
 
     @field_validator("memory")
     @classmethod

@@ -218,9 +218,10 @@ def _reference_vocab_size(reference_dir: Path) -> int:
         raise InputFileError(path, f"has no readable vocab_size ({exc})", "pass the fp16 reference checkpoint") from exc
 
 
-def store_key(reference_dir: Path, plan: ChunkPlan) -> StoreKey:
-    """What the reference's stored log-probs depend on: its files and the exact tokens."""
-    return StoreKey(sha256_tree(reference_dir), plan.sha256, plan.n_ctx, plan.n_chunks, _reference_vocab_size(reference_dir))
+def store_key(reference_dir: Path, plan: ChunkPlan, device: str = "cpu") -> StoreKey:
+    """What the reference's stored log-probs depend on: its files, the exact tokens and the device it ran on."""
+    return StoreKey(sha256_tree(reference_dir), plan.sha256, plan.n_ctx, plan.n_chunks, _reference_vocab_size(reference_dir),
+                    device=device.partition(":")[0])
 
 
 def default_store_path(key: StoreKey) -> Path:
@@ -229,7 +230,7 @@ def default_store_path(key: StoreKey) -> Path:
 
     from quantmill.default_model import default_cache_dir
 
-    digest = hashlib.sha256(json.dumps(key.__dict__, sort_keys=True).encode()).hexdigest()[:32]
+    digest = hashlib.sha256(json.dumps(key.record(), sort_keys=True).encode()).hexdigest()[:32]
     return default_cache_dir() / "reference-logprobs" / f"{digest}.bin"
 
 
@@ -334,7 +335,7 @@ def verify_artifacts(
     for path in map(Path, artifacts):
         if path.resolve() != reference_dir.resolve() and all(path.resolve() != seen.resolve() for seen in ordered):
             ordered.append(path)
-    key = store_key(reference_dir, plan)
+    key = store_key(reference_dir, plan, options.device)
     store_path = Path(store) if store is not None else default_store_path(key)
     reference, reused = measure_reference(reference_dir, plan, tokenizer, options, store_path, key, progress=progress)
     if store is None:
@@ -363,3 +364,21 @@ def verify_artifacts(
         threads=options.threads,
         device=options.device,
     )
+
+
+def verify_on_devices(
+    artifacts: Sequence[str | Path],
+    reference_dir: str | Path,
+    text: str | Path,
+    n_ctx: int,
+    options: BackendOptions,
+    devices: Sequence[str],
+    *,
+    store: str | Path | None = None,
+    **kwargs: Any,
+) -> tuple[VerifyResult, ...]:
+    """:func:`verify_artifacts` once per device (resolved names: cpu, cuda[:N]), the reference run on each device.
+
+    ``store`` is the first device's reference store; the others keep theirs in the cache, keyed by device."""
+    return tuple(verify_artifacts(artifacts, reference_dir, text, n_ctx, replace(options, device=device),
+                                  store=store if i == 0 else None, **kwargs) for i, device in enumerate(devices))

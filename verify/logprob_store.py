@@ -81,6 +81,14 @@ class StoreKey:
     n_chunks: int
     n_vocab: int
     version: int = STORE_VERSION
+    device: str = "cpu"  # where the reference ran: a CUDA reference is stored apart from the CPU one
+
+    def record(self) -> dict[str, Any]:
+        """The key as JSON data; a CPU key without its device, as stores were keyed before devices were."""
+        record = asdict(self)
+        if self.device == "cpu":
+            del record["device"]
+        return record
 
 
 def _header_size(n_ctx: int, n_chunks: int) -> int:
@@ -178,7 +186,7 @@ def read_sidecar(store: Path) -> dict[str, Any] | None:
 def cached_store(store: Path, key: StoreKey) -> dict[str, Any] | None:
     """The sidecar of ``store`` when the store exists and was computed from ``key``; else None."""
     sidecar = read_sidecar(store)
-    if sidecar is None or sidecar.get("key") != asdict(key) or not store.is_file():
+    if sidecar is None or sidecar.get("key") != key.record() or not store.is_file():
         return None
     return sidecar
 
@@ -198,7 +206,7 @@ class StoreSink:
 
 
 def write_sidecar(store: Path, key: StoreKey, reference_figures: dict[str, float], extra: dict[str, Any]) -> None:
-    payload = {"key": asdict(key), "reference_metrics": reference_figures, **extra}
+    payload = {"key": key.record(), "reference_metrics": reference_figures, **extra}
     write_text_atomic(sidecar_path(store), json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantmill.atomic import atomic_file, write_text_atomic
+from quantmill.verify.parity import device_parity, parity_markdown
 
 if TYPE_CHECKING:
     from quantmill.verify.evaluate import ArtifactResult, VerifyResult
@@ -52,15 +53,22 @@ def artifact_record(result: VerifyResult, artifact: ArtifactResult, name: str, s
     return record
 
 
-def report_dict(result: VerifyResult, names: Mapping[Path, str] | None = None,
+def report_dict(result: VerifyResult | Sequence[VerifyResult], names: Mapping[Path, str] | None = None,
                 shown: Callable[[Path], str] = str) -> dict[str, Any]:
     """The report: ``names`` gives artifacts their names (default: the file name; the reference: ``reference``),
-    ``shown`` writes every path (default: as given; a release writes its own relative paths)."""
+    ``shown`` writes every path (default: as given; a release writes its own relative paths). Given one result per
+    device, the first device's figures make the report and ``device_parity`` compares the devices."""
+    results = (result,) if not isinstance(result, Sequence) else tuple(result)
+    result = results[0]
+
+    def artifact_name(path: Path, is_reference: bool) -> str:
+        return REFERENCE_NAME if is_reference else (names or {}).get(path, path.name)
 
     def name(artifact: ArtifactResult) -> str:
-        return REFERENCE_NAME if artifact.is_reference else (names or {}).get(artifact.path, artifact.path.name)
+        return artifact_name(artifact.path, artifact.is_reference)
 
-    return {
+    parity = {"device_parity": device_parity(results, artifact_name)} if len(results) > 1 else {}
+    return parity | {
         "version": REPORT_VERSION,
         "reference": shown(result.reference_dir),
         "text": shown(result.text),
@@ -78,6 +86,11 @@ def report_dict(result: VerifyResult, names: Mapping[Path, str] | None = None,
     }
 
 
+def report_passed(report: Mapping[str, Any]) -> bool:
+    """Every artifact holds its thresholds and, measured on several devices, the devices agree."""
+    return bool(report["passed"]) and bool(report.get("device_parity", {}).get("passed", True))
+
+
 def timings(result: VerifyResult, shown: Callable[[Path], str] = str) -> dict[str, dict[str, float | None]]:
     """Evaluation speed per artifact path: it varies run to run, so it is kept out of the report."""
     return {shown(a.path): {"tokens_per_second": _finite(round(a.tokens_per_second, 3)), "seconds": round(a.seconds, 3)}
@@ -91,7 +104,7 @@ def write_json(data: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def write_json_report(result: VerifyResult, path: str | Path) -> Path:
+def write_json_report(result: VerifyResult | Sequence[VerifyResult], path: str | Path) -> Path:
     return write_json(report_dict(result), path)
 
 
@@ -131,12 +144,16 @@ def parity_table(report: Mapping[str, Any], speeds: Mapping[str, float | None] |
         if art["passed"] is False:
             lines.append(f"\n{art['name']} fails its {art['quant_type'] or art['format']} thresholds: "
                          f"{'; '.join(art['failures'])}")
+    if "device_parity" in report:
+        lines.append("\n" + parity_markdown(report["device_parity"]))
     return "\n".join(lines)
 
 
-def markdown_table(result: VerifyResult) -> str:
-    """:func:`parity_table` of ``result``'s report, with each artifact's speed."""
-    return parity_table(report_dict(result), {path: t["tokens_per_second"] for path, t in timings(result).items()})
+def markdown_table(result: VerifyResult | Sequence[VerifyResult]) -> str:
+    """:func:`parity_table` of ``result``'s report (one result per device: with the device table), with each artifact's
+    speed on the first device."""
+    first = result if not isinstance(result, Sequence) else result[0]
+    return parity_table(report_dict(result), {path: t["tokens_per_second"] for path, t in timings(first).items()})
 
 
 # marker style per artifact format: one chart for GGUF and GPTQ alike
@@ -182,7 +199,7 @@ def write_plot(report: Mapping[str, Any], path: str | Path, title: str | None = 
     return path
 
 
-def write_report(result: VerifyResult, directory: str | Path, stem: str = "report") -> dict[str, Path]:
+def write_report(result: VerifyResult | Sequence[VerifyResult], directory: str | Path, stem: str = "report") -> dict[str, Path]:
     """``stem.md`` (with speeds), ``stem.json`` and ``stem.png`` in ``directory``."""
     directory = Path(directory)
     report = report_dict(result)

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from quantmill.calib_data.bundled import BUNDLED_SPEC
-from quantmill.cli.options import checkpoint_dir_option, max_memory_option
+from quantmill.cli.options import checkpoint_dir_option, device_option, max_memory_option
 
 
 @click.command("calibrate")
@@ -19,7 +19,7 @@ from quantmill.cli.options import checkpoint_dir_option, max_memory_option
 @click.option("--calib-seqlen", type=int, default=512, show_default=True, help="tokens per sequence")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed for choosing the sequences")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="imatrix file to write (e.g. imatrix.gguf)")
-@click.option("--device", default="cpu", show_default=True, help="torch device for the forward pass (cpu, cuda)")
+@device_option
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 @checkpoint_dir_option
 @max_memory_option
@@ -30,8 +30,10 @@ def calibrate(
     no_progress: bool,
 ) -> None:
     """Run the calibration text through MODEL_DIR layer by layer and write its importance matrix."""
+    from quantmill.device import resolve_device
     from quantmill.quantize.calibrate import calibrate_imatrix
 
+    device = resolve_device(device)  # refused before the calibration set is drawn
     if threads:
         import torch
 

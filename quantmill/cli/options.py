@@ -12,10 +12,10 @@ checkpoint_dir_option = click.option(
 
 
 def size_callback(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
-    from quantmill.recipe import parse_size
-
     if value is None:
         return None
+    from quantmill.convert.safetensors_io import parse_size
+
     try:
         return parse_size(value)
     except ValueError as exc:
@@ -27,3 +27,9 @@ max_memory_option = click.option(
     help="peak resident memory the layer-by-layer passes must stay under (e.g. 20GB, 500MiB; run: over the recipe's "
          "resources.memory): above it their activation streams are spilled to disk; refused before any work when even "
          "that does not fit. Outputs are the same bytes")
+
+
+device_option = click.option(
+    "--device", default="cpu", show_default=True, metavar="cpu|cuda|auto",
+    help="where the torch work runs: cpu, cuda (cuda:N) or auto (CUDA when torch sees a GPU, else the CPU); the same "
+         "code on both, Hessians in float32")

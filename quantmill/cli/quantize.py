@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from quantmill.calib_data.bundled import BUNDLED_SPEC
-from quantmill.cli.options import checkpoint_dir_option, max_memory_option, size_callback
+from quantmill.cli.options import checkpoint_dir_option, device_option, max_memory_option, size_callback
 
 if TYPE_CHECKING:
     from quantmill.quantize.gguf.libllama import QuantizeResult
@@ -164,7 +164,7 @@ def _quantize_mix(model: Path, output: Path | None, imatrix: Path | None, thread
               help="checkpoint layout of every branch that does not name one: gptq (AutoGPTQ/GPTQModel v1) or "
                    "compressed-tensors (llm-compressor's pack-quantized W4A16/W8A16, what vLLM reads); "
                    "a spec ending in -ct picks compressed-tensors for that branch")
-@click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda)")
+@device_option
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 @checkpoint_dir_option
 @max_memory_option
@@ -176,9 +176,11 @@ def quantize_gptq(
 ) -> None:
     """Quantize MODEL_DIR with GPTQ into one checkpoint per --branch (v1 AutoGPTQ/GPTQModel or compressed-tensors)."""
     from quantmill.convert.safetensors_io import parse_size
+    from quantmill.device import resolve_device
     from quantmill.errors import UserInputError
     from quantmill.quantize.gptq.api import quantize_gptq as run
 
+    device = resolve_device(device)  # refused before the calibration set is drawn
     if threads is not None:
         if threads < 1:
             raise UserInputError(f"--threads {threads}: must be at least 1")

@@ -12,9 +12,9 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
 from quantmill.quantize.cost import DEFAULT_BATCH_TOKENS, ModelShape, PassShape, Peak
 
@@ -25,6 +25,22 @@ class StageParams(BaseModel):
     """A stage's parameters: validated, immutable, dumped as canonical JSON into its key."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OnDevice(StageParams):
+    """A torch stage's parameters, with where it runs (the recipe's ``resources.device``: cpu, cuda, cuda:N, auto).
+
+    Hashed, as GPU float reductions may change the last bits; on the CPU the field is left out of the dump, so a CPU
+    stage keeps the key it had before stages had devices."""
+
+    device: str = "cpu"
+
+    @model_serializer(mode="wrap")
+    def _without_cpu(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("device") == "cpu":
+            del data["device"]
+        return data
 
 
 P = TypeVar("P", bound=StageParams)

@@ -158,6 +158,7 @@ def build_plan(loaded: LoadedRecipe, weights: bool = True) -> Plan:
     name = release_name(loaded)
     plan = Plan(loaded, name)
     threads = recipe.threads
+    device = recipe.resources.device
 
     def add(stage: str, kind: str, params: StageParams, deps: tuple[str, ...], **paths: Path | None) -> str:
         assert isinstance(params, STAGES[kind].params)
@@ -199,7 +200,7 @@ def build_plan(loaded: LoadedRecipe, weights: bool = True) -> Plan:
         size = recipe.gptq.branches_per_stage or len(branches)
         groups = [branches[i : i + size] for i in range(0, len(branches), size)]
         for i, group in enumerate(groups):
-            params = gptq.GptqParams(model=model, calibration=calib, branches=group, threads=threads)
+            params = gptq.GptqParams(model=model, calibration=calib, branches=group, threads=threads, device=device)
             artifacts.append(add("gptq" if len(groups) == 1 else f"gptq-{i + 1}", gptq.KIND.name, params, (model, calib)))
     if recipe.gguf is not None:
         base_file = gguf_file_name(name, recipe.gguf.base.upper())
@@ -210,7 +211,7 @@ def build_plan(loaded: LoadedRecipe, weights: bool = True) -> Plan:
         matrix = None
         if needs_imatrix:
             assert calib is not None
-            matrix = add("imatrix", imatrix.KIND.name, imatrix.ImatrixParams(model=model, calibration=calib, threads=threads),
+            matrix = add("imatrix", imatrix.KIND.name, imatrix.ImatrixParams(model=model, calibration=calib, threads=threads, device=device),
                          (model, calib))
         for file_type in recipe.gguf.types:
             params = gguf.GgufParams(type=file_type, base=base, base_file=base_file, imatrix=matrix,

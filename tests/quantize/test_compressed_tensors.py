@@ -141,7 +141,7 @@ def test_cli_format_flag_recipe_field_and_verify_detection(make_tiny_llama, tmp_
     text.write_text(TEXT[:20000], encoding="utf-8")
     out = tmp_path / "out"
     assert main(["quantize", "gptq", str(tiny), "--out", str(out), "--calib", str(text), "--calib-samples", "2",
-                 "--calib-seqlen", "32", "--no-progress", "--format", "compressed-tensors",
+                 "--calib-seqlen", "32", "--no-progress", "--format", "compressed-tensors", "--device", "cpu",
                  "--branch", "4bit-32g-actorder", "--branch", "8bit-none"]) == 0
     assert "compressed-tensors" in capsys.readouterr().out
     for name in ("gptq-4bit-32g-actorder_True-compressed-tensors", "gptq-8bit--1g-actorder_False-compressed-tensors"):

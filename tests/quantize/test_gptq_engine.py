@@ -21,7 +21,7 @@ from quantmill.quantize.gptq.engine import EngineOptions, quantize_branches
 
 TEXT = (Path(__file__).resolve().parents[2] / "calib_data" / "corpora" / "calib_as_you_like_it.txt").read_text(encoding="utf-8")
 GROUPS = LlamaArchitecture.decoder.linear_groups
-QUIET = EngineOptions(progress=False)
+QUIET = EngineOptions(device="cpu", progress=False)  # explicitly: the CPU path of the device plumbing
 
 
 @pytest.fixture

@@ -343,7 +343,7 @@ def test_imatrix_loads_in_llama_quantize(tmp_path: Path, smollm2_f16: tuple[Path
     reference, f16 = smollm2_f16
     imatrix_path = tmp_path / "imatrix.gguf"
     assert main(["calibrate", str(reference), "--calib-samples", "2", "--calib-seqlen", "64",
-                 "--out", str(imatrix_path), "--no-progress"]) == 0
+                 "--out", str(imatrix_path), "--no-progress", "--device", "cpu"]) == 0
     result = subprocess.run(
         [str(binary), "--imatrix", str(imatrix_path), str(f16), str(tmp_path / "q.gguf"), "Q4_K_M", "2"],
         capture_output=True, text=True, timeout=300,

@@ -1,16 +1,14 @@
 """``quantmill verify``: perplexity of HF checkpoints (torch) and GGUF files (libllama) on the same tokens."""
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
 import math
-import string
 from pathlib import Path
 
 import numpy as np
 import pytest
 from tiny_gguf import bpe_vocab, spm_vocab, write_tiny_gguf
+from verify_helpers import N_CTX, OPTIONS, model_pair, write_eval_text
 
 from quantmill.cli import main
 from quantmill.verify.backends import open_backend
@@ -19,38 +17,17 @@ from quantmill.verify.evaluate import verify_artifacts
 from quantmill.verify.metrics import Perplexity
 from quantmill.verify.tokens import load_reference_tokenizer, plan_chunks, prepare_tokens, tokenize_text
 
-N_CTX = 64
-OPTIONS = BackendOptions(threads=2)
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
-
-
-def _eval_text() -> str:
-    # not the vocabulary's training text (textwrap + json.decoder)
-    return inspect.getsource(string)[:2500] + inspect.getsource(dataclasses)[:2500]
 
 
 @pytest.fixture(scope="module")
 def eval_txt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("eval") / "eval.txt"
-    path.write_text(_eval_text(), encoding="utf-8")
-    return path
-
-
-def _model_pair(root: Path, add_bos: bool) -> tuple[Path, Path]:
-    """A tiny f32 GGUF and the HF checkpoint the project's GGUF→HF converter makes of it (float32)."""
-    from quantmill.convert.gguf_to_hf import gguf_to_hf
-
-    vocab = dataclasses.replace(bpe_vocab(), add_bos=add_bos)
-    gguf_path = root / "tiny-F32.gguf"
-    write_tiny_gguf(gguf_path, vocab, tied=False, seed=3)
-    reference = root / "reference"
-    gguf_to_hf(gguf_path, reference, dtype="float32", progress=False)
-    return gguf_path, reference
+    return write_eval_text(tmp_path_factory.mktemp("eval"))
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["no-bos", "bos"])
 def tiny_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return _model_pair(tmp_path_factory.mktemp("tiny_pair"), add_bos=request.param)
+    return model_pair(tmp_path_factory.mktemp("tiny_pair"), add_bos=request.param)
 
 
 def _direct_perplexity(reference: Path, text: str, n_ctx: int, replace_bos: bool) -> tuple[float, float, int]:
@@ -161,7 +138,8 @@ def test_cli_table_and_json(tiny_pair: tuple[Path, Path], eval_txt: Path, tmp_pa
     gguf_path, reference = tiny_pair
     out = tmp_path / "report" / "verify.json"
     code = main(["verify", str(gguf_path), str(reference), "--reference", str(reference), "--text", str(eval_txt),
-                 "--n-ctx", str(N_CTX), "--threads", "2", "--batch-chunks", "3", "--max-chunks", "5", "--json", str(out)])
+                 "--n-ctx", str(N_CTX), "--threads", "2", "--batch-chunks", "3", "--max-chunks", "5", "--json", str(out),
+                 "--devices", "cpu"])
     assert code == 0
     stdout = capsys.readouterr().out
     assert "| artifact | type |" in stdout and "tok/s |" in stdout and "| tiny-F32.gguf | F32 |" in stdout

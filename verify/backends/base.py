@@ -17,6 +17,7 @@ from typing import Self
 
 import numpy as np
 
+from quantmill.device import check_device_name
 from quantmill.errors import UnsupportedError, UserInputError
 from quantmill.verify.tokens import ChunkPlan
 
@@ -30,8 +31,9 @@ class BackendOptions:
 
     ``threads`` None means every CPU this process may use; ``chunks_per_batch`` None means
     llama-perplexity's choice, ``2048 // n_ctx`` (batching changes the last digits of the
-    figures, so the same choice gives the same figures as llama-perplexity). Every backend runs on
-    the CPU in this version: another ``device`` is refused here, once for all of them.
+    figures, so the same choice gives the same figures as llama-perplexity). ``device`` is a resolved
+    torch device (:func:`quantmill.device.resolve_device`): cpu or cuda[:N]; torch backends put the model
+    and the ids there, the GGUF backend offloads every layer to the GPU.
     """
 
     threads: int | None = None
@@ -39,8 +41,12 @@ class BackendOptions:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.device != "cpu":
-            raise UnsupportedError(f"--device {self.device}: verify backends run on cpu only in this version")
+        if check_device_name(self.device) == "auto":
+            raise UnsupportedError("BackendOptions.device: resolve auto first (quantmill.device.resolve_device)")
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
 
     def chunks_for(self, n_ctx: int) -> int:
         if self.chunks_per_batch is not None and self.chunks_per_batch > 0:

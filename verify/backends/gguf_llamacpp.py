@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from quantmill.errors import InputFileError, ToolError
+from quantmill.errors import InputFileError, ToolError, UnsupportedError
 from quantmill.llama_lib import binding, libllama_log
 from quantmill.quantize.gguf.inspect import GGUFSummary, summarize_gguf
 from quantmill.verify.backends.base import (
@@ -55,6 +55,12 @@ class LlamaCppBackend(LogProbBackend):
         summary.require("verify-gguf")
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0
+        if options.on_cuda:  # every layer on the GPU, as llama-perplexity -ngl 99 runs it
+            if not llama_cpp.llama_supports_gpu_offload():
+                raise UnsupportedError(f"{self.path}: this llama-cpp-python has no GPU backend, so a GGUF cannot be verified "
+                                       "on cuda; install the CUDA wheel of scripts/llama_cpp_cuda_wheel.sh, or verify on cpu")
+            params.n_gpu_layers = 999
+            params.main_gpu = int(options.device.partition(":")[2] or 0)
         with libllama_log() as log:
             self._model = llama_cpp.llama_model_load_from_file(os.fsencode(self.path), params)
         if not self._model:

@@ -22,7 +22,7 @@ def is_gptq_checkpoint(path: Path) -> bool:
 
 
 class GptqTorchBackend(TorchBackend):
-    """A GPTQ branch directory, dequantized to float32 on the CPU."""
+    """A GPTQ branch directory, dequantized to float32 (then moved to the options' device)."""
 
     format = FORMAT
 

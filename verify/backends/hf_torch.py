@@ -64,7 +64,7 @@ def float_type_name(config: dict[str, Any], bpw: float) -> str:
 
 
 class TorchBackend(LogProbBackend):
-    """An HF causal LM loaded in float32 on the CPU."""
+    """An HF causal LM loaded in float32 on the options' device."""
 
     format = "hf"
 
@@ -77,6 +77,7 @@ class TorchBackend(LogProbBackend):
         self._config = self._read_config()
         self._model, size, bpw, quant_type = self._load()
         self._model.eval()
+        self._model.to(options.device)  # float32 on every device: the CPU and CUDA figures compare
         n_vocab = int(self._model.get_output_embeddings().weight.shape[0])
         self.info = ArtifactInfo(self.path, self.format, size, bpw, n_vocab, quant_type)
 
@@ -109,10 +110,10 @@ class TorchBackend(LogProbBackend):
         torch.set_num_threads(self.options.n_threads)
         try:
             for group in plan.groups(self.options.chunks_for(plan.n_ctx)):
-                ids = torch.from_numpy(np.stack([plan.chunk_input(i) for i in group]).astype(np.int64))
+                ids = torch.from_numpy(np.stack([plan.chunk_input(i) for i in group]).astype(np.int64)).to(self.options.device)
                 with torch.inference_mode():
                     logits = self._model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
-                    logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+                    logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1).cpu()
                 for row, index in enumerate(group):
                     yield ChunkLogProbs(index, logprobs[row].numpy(), plan.chunk_targets(index))
         finally:

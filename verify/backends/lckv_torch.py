@@ -48,9 +48,13 @@ class _LogitsOnly:
         self.model.eval()
         return self
 
+    def to(self, device: str) -> _LogitsOnly:
+        self.model.to(device)
+        return self
+
 
 class LckvTorchBackend(TorchBackend):
-    """An LCKV checkpoint directory (float, or a GPTQ branch dequantized to float32) on the CPU."""
+    """An LCKV checkpoint directory (float, or a GPTQ branch dequantized to float32) on the options' device."""
 
     format = FORMAT
 

@@ -24,6 +24,14 @@ PROGRESS = logging.getLogger(PROGRESS_LOGGER)
 HERE = "here"  # where the local executor runs a stage
 
 
+def node_devices(node: Node) -> tuple[tuple[str, str], ...]:
+    """(recipe field, device) of each device a stage runs on: verify's ``devices``, a torch stage's ``device``."""
+    found = [("verify.devices", d) for d in getattr(node.params, "devices", ()) or ()]
+    if (device := getattr(node.params, "device", "cpu")) != "cpu":
+        found.append(("resources.device", device))
+    return tuple(found)
+
+
 @dataclass(frozen=True)
 class ExecutorOptions:
     """The command line's executor settings: ``address`` is the Ray cluster's HOST:PORT (None: the running one)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from quantmill.errors import QuantmillError
-from quantmill.pipeline.executors.base import HERE, LOG, Executor, ExecutorOptions, log_finished, log_started
+from quantmill.pipeline.executors.base import HERE, LOG, Executor, ExecutorOptions, log_finished, log_started, node_devices
 
 if TYPE_CHECKING:
     from quantmill.pipeline.plan import Plan
@@ -17,7 +17,14 @@ if TYPE_CHECKING:
 
 @contextlib.contextmanager
 def connect(plan: Plan, options: ExecutorOptions) -> Iterator[None]:
-    yield  # nothing to reach: this process runs the stages
+    """Nothing to reach (this process runs the stages); a device this machine lacks is refused before any work."""
+    from quantmill.device import resolve_device
+
+    for node in plan.nodes:
+        if not node.is_done(plan.recipe.work_dir):
+            for field, device in node_devices(node):
+                resolve_device(device, f"{plan.recipe.path}: {field}")
+    yield
 
 
 def run(plan: Plan, report: RunReport, work_dir: Path, progress: bool, options: ExecutorOptions) -> None:

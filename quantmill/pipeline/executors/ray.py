@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantmill.errors import QuantmillError, ToolError, UserInputError
-from quantmill.pipeline.executors.base import LOG, Executor, ExecutorOptions, log_finished, log_started
+from quantmill.pipeline.executors.base import LOG, Executor, ExecutorOptions, log_finished, log_started, node_devices
 
 if TYPE_CHECKING:
     from quantmill.pipeline.plan import Node, Plan
@@ -76,7 +76,8 @@ def _runtime_env() -> dict[str, Any] | None:
 
 
 def _wants_cuda(node: Node) -> bool:
-    return "cuda" in tuple(getattr(node.params, "devices", ()) or ())
+    """A stage that runs on CUDA: verify with cuda among its devices, a torch stage whose device is cuda."""
+    return any(device.startswith("cuda") for _field, device in node_devices(node))
 
 
 def resource_requests(plan: Plan, nodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -100,7 +101,7 @@ def resource_requests(plan: Plan, nodes: list[dict[str, Any]]) -> dict[str, dict
         if _wants_cuda(node):
             if gpus < 1:
                 raise UserInputError(f"{plan.recipe.path}: stage {node.name} runs on CUDA (its devices include cuda) but no node "
-                                     "of the Ray cluster has a GPU; add a GPU node or remove cuda from verify.devices")
+                                     "of the Ray cluster has a GPU; add a GPU node, or remove cuda from verify.devices and resources.device")
             request["num_gpus"] = 1
         needed = None if size is None else STAGES[node.kind].estimate(size, node.params).required  # mapped files: page cache
         if needed is not None:

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from quantmill.card import GPTQ_DIR
-from quantmill.pipeline.context import Estimate, ModelSize, Output, StageContext, StageKind, StageParams
+from quantmill.pipeline.context import Estimate, ModelSize, OnDevice, Output, StageContext, StageKind
 from quantmill.pipeline.stages.calibrate import load_calibration
 from quantmill.quantize.gptq.branches import BranchSpec
 
 
-class GptqParams(StageParams):
+class GptqParams(OnDevice):
     model: str
     calibration: str
     branches: tuple[BranchSpec, ...]
@@ -19,7 +19,7 @@ def run(ctx: StageContext, params: GptqParams) -> None:
 
     calibration = load_calibration(ctx.inputs[params.calibration])
     quantize_branches(ctx.checkpoint(params.model), calibration, list(params.branches), ctx.out,
-                      EngineOptions(progress=ctx.progress, checkpoint_dir=ctx.checkpoints,
+                      EngineOptions(device=params.device, progress=ctx.progress, checkpoint_dir=ctx.checkpoints,
                                     max_memory=ctx.max_memory))
 
 

@@ -1,13 +1,13 @@
 """The imatrix stage: the importance matrix for GGUF K-quants, from one layer-by-layer pass over the calibration set."""
 from __future__ import annotations
 
-from quantmill.pipeline.context import Estimate, ModelSize, StageContext, StageKind, StageParams
+from quantmill.pipeline.context import Estimate, ModelSize, OnDevice, StageContext, StageKind
 from quantmill.pipeline.stages.calibrate import load_calibration
 
 IMATRIX_NAME = "imatrix.gguf"
 
 
-class ImatrixParams(StageParams):
+class ImatrixParams(OnDevice):
     model: str
     calibration: str  # the calibrate stage
     threads: int
@@ -18,7 +18,7 @@ def run(ctx: StageContext, params: ImatrixParams) -> None:
     from quantmill.quantize.stats import collect_importance
 
     calibration = load_calibration(ctx.inputs[params.calibration])
-    stats = collect_importance(ctx.checkpoint(params.model), calibration, progress=ctx.progress,
+    stats = collect_importance(ctx.checkpoint(params.model), calibration, device=params.device, progress=ctx.progress,
                                checkpoint_dir=ctx.checkpoints, max_memory=ctx.max_memory)
     write_imatrix(imatrix_from_stats(stats, calibration), ctx.out / IMATRIX_NAME)
 

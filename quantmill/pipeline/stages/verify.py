@@ -4,7 +4,8 @@ It writes verify's one report (:mod:`quantmill.verify.report`), its paths relati
 with each artifact's verdict: it must hold the recipe's thresholds (``verify.overrides`` by artifact
 name, else ``verify.thresholds``) and, with ``use_default_thresholds``, its quant type's row of verify's
 table. ``verify.json`` is deterministic; ``timings.json`` holds the speeds; ``report.md`` and
-``parity.png`` the table and the plot.
+``parity.png`` the table and the plot. With ``verify.devices: [cpu, cuda]`` each device measures everything and the
+report's ``device_parity`` compares them (verify.parity's limits).
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ class VerifyParams(StageParams):
 
 def run(ctx: StageContext, params: VerifyParams) -> None:
     from quantmill.calib_data.bundled import eval_file
+    from quantmill.device import resolve_devices
     from quantmill.verify.backends.base import BackendOptions
-    from quantmill.verify.evaluate import verify_artifacts
+    from quantmill.verify.evaluate import verify_on_devices
     from quantmill.verify.report import parity_table, report_dict, timings, write_json, write_plot
     from quantmill.verify.thresholds import DEFAULT_THRESHOLDS
 
@@ -47,13 +49,13 @@ def run(ctx: StageContext, params: VerifyParams) -> None:
     limits = {path: params.overrides.get(name, params.thresholds) for path, name in paths.items()}
     shown = {**{path: str(found[name][1]) for path, name in paths.items()},
              text: f"bundled:{text.name}" if params.text == "bundled" else params.text}
-    result = verify_artifacts(list(paths), ctx.checkpoint(params.model), text, params.n_ctx,
-                              BackendOptions(threads=params.threads), max_chunks=params.max_chunks,
-                              progress=ctx.progress, limits=limits,
-                              thresholds=DEFAULT_THRESHOLDS if params.use_default_thresholds else {"*": Threshold()})
+    result = verify_on_devices(list(paths), ctx.checkpoint(params.model), text, params.n_ctx,
+                               BackendOptions(threads=params.threads), resolve_devices(params.devices, "verify.devices"),
+                               max_chunks=params.max_chunks, progress=ctx.progress, limits=limits,
+                               thresholds=DEFAULT_THRESHOLDS if params.use_default_thresholds else {"*": Threshold()})
     report = report_dict(result, paths, lambda p: shown.get(p, p.name))
     write_json(report, ctx.out / VERIFY_JSON)
-    write_json(timings(result, lambda p: shown.get(p, p.name)), ctx.out / TIMINGS_JSON)
+    write_json(timings(result[0], lambda p: shown.get(p, p.name)), ctx.out / TIMINGS_JSON)
     write_text_atomic(ctx.out / REPORT_MD, parity_table(report) + "\n")
     write_plot(report, ctx.out / PLOT_PNG)
 
