@@ -6,10 +6,12 @@ work, with what to do. torch is imported only when CUDA is asked for or ``auto``
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from quantmill.errors import UserInputError
 
 CHOICES = ("cpu", "cuda", "auto")
+DEFAULT = "cpu"
 _DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 
 
@@ -49,3 +51,11 @@ def resolve_devices(names: list[str] | tuple[str, ...], flag: str = "--devices")
     if not resolved:
         raise UserInputError(f"{flag}: name at least one device (cpu, cuda, auto)")
     return tuple(resolved)
+
+
+def without_default_device(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a stage's parameters, the recipe's resources) without ``device`` where it is the CPU default: what was
+    hashed and recorded before devices existed keeps its bytes (stage keys, the manifest's recipe)."""
+    if data.get("device") == DEFAULT:
+        del data["device"]
+    return data

@@ -13,8 +13,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
+from quantmill.device import without_default_device
 from quantmill.errors import UserInputError
 from quantmill.verify.thresholds import Threshold
 
@@ -335,6 +336,10 @@ class Resources(_Strict):
     @classmethod
     def _memory(cls, value: int | str | None) -> int | None:
         return None if value is None else parse_size(value)
+
+    @model_serializer(mode="wrap")
+    def _without_cpu(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return without_default_device(handler(self))  # the manifest's recipe as before devices
 
 
 class Recipe(_Strict):

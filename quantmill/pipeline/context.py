@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
+from quantmill.device import without_default_device
 from quantmill.quantize.cost import DEFAULT_BATCH_TOKENS, ModelShape, PassShape, Peak
 
 STAGE_OVERHEAD_SECONDS = 1.0  # loading libraries and files, whatever the model's size
@@ -37,10 +38,7 @@ class OnDevice(StageParams):
 
     @model_serializer(mode="wrap")
     def _without_cpu(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if data.get("device") == "cpu":
-            del data["device"]
-        return data
+        return without_default_device(handler(self))
 
 
 P = TypeVar("P", bound=StageParams)

@@ -235,3 +235,7 @@ def test_ray_resource_requests(model: Path, tmp_path: Path, monkeypatch: pytest.
     assert resource_requests(plan, [node(2, 8e9, gpus=1)])["gptq"]["num_gpus"] == 0
     with pytest.raises(UserInputError, match="no node of the Ray cluster has a GPU"):
         resource_requests(plan, [node(2, 8e9)])
+    # resources.device cuda: the torch stages (imatrix, gptq) take a GPU, the others none
+    write_recipe(cuda.parent, {**data, "resources": {"device": "cuda"}})
+    requests = resource_requests(build_plan(load_recipe(cuda)), [node(2, 8e9, gpus=1)])
+    assert {name for name, r in requests.items() if r["num_gpus"]} == {"gptq", "imatrix"}

@@ -16,6 +16,7 @@ from quantmill.cli import main
 from quantmill.device import resolve_device, resolve_devices
 from quantmill.errors import UserInputError
 from quantmill.pipeline.stages.gptq import GptqParams
+from quantmill.recipe import Recipe
 from quantmill.verify.evaluate import VerifyResult, verify_on_devices
 from quantmill.verify.parity import MAX_PPL_DIFF_PCT, device_parity
 from quantmill.verify.report import parity_table, report_dict, report_passed
@@ -66,6 +67,9 @@ def test_a_cpu_stage_keeps_its_key_a_cuda_stage_gets_another() -> None:
     base = dict(model="source", calibration="calibrate", branches=(), threads=2)
     assert "device" not in GptqParams(**base).model_dump(mode="json")
     assert GptqParams(**base, device="cuda").model_dump(mode="json")["device"] == "cuda"
+    # the manifest's recipe, likewise: as before devices on the CPU, recorded where it is another
+    assert "device" not in Recipe(gguf={"types": ["Q8_0"]}).model_dump(mode="json")["resources"]
+    assert Recipe(gguf={"types": ["Q8_0"]}, resources={"device": "cuda"}).model_dump(mode="json")["resources"]["device"] == "cuda"
 
 
 def _relabelled(result: VerifyResult, device: str, ppl_factor: float = 1.0, kld: float | None = None) -> VerifyResult:
