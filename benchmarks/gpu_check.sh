@@ -29,15 +29,26 @@ export LD_LIBRARY_PATH=$(python3 -c "import nvidia.cu13, os; print(os.path.join(
 python3 -c "import torch, llama_cpp; print('torch', torch.__version__, torch.cuda.get_device_name(0), 'llama.cpp GPU offload',
             bool(llama_cpp.llama_supports_gpu_offload()))"
 echo "== gpu tests"; date
-timeout 150 python3 -m pytest -m gpu tests/gpu tests/verify/test_devices.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/pytest-gpu.txt"
+timeout 90 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/pytest-gpu.txt"
 echo "== GPTQ: 8B-shaped llama (${LAYERS:=4} layers), quantmill vs GPTQModel on cuda"; date
 GPTQ_PY=$(command -v python3)
-timeout 300 python3 benchmarks/bench_gptq.py compare --model llama-8b-replica --layers "$LAYERS" --bits 4 --group 128 \
+timeout 240 python3 benchmarks/bench_gptq.py compare --model llama-8b-replica --layers "$LAYERS" --bits 4 --group 128 \
     --device cuda --threads 16 --samples 128 --seqlen 512 --max-chunks 8 --work /tmp/gptq-work \
     --tokenizer .gpu/smollm2_tokenizer --gptqmodel-python "$GPTQ_PY" 2>&1 | tee "$OUT/gptq-8b-replica.jsonl"
 echo "== verify parity: the replica and quantmill's branch, cpu vs cuda"; date
 branch=$(ls -d /tmp/gptq-work/quantmill-*/gptq-* 2>/dev/null | head -1)
-timeout 120 python3 -m quantmill.cli verify /tmp/gptq-work/llama-8b-replica ${branch:+"$branch"} \
+timeout 90 python3 -m quantmill.cli verify /tmp/gptq-work/llama-8b-replica ${branch:+"$branch"} \
     --reference /tmp/gptq-work/llama-8b-replica --text calib_data/corpora/eval_text.txt --max-chunks 4 \
     --devices cpu,cuda --threads 16 --report-dir "$OUT/verify-parity"
+python3 - "$OUT" "$LAYERS" <<'PY'  # per-layer GPTQ seconds of both tools, and their ratio, from the bench's JSON lines
+import json, pathlib, sys
+out, layers = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+rows = [json.loads(l) for l in (out / "gptq-8b-replica.jsonl").read_text().splitlines() if l.startswith("{")]
+wall = {r["tool"]: r["wall_s"] for r in rows if "wall_s" in r}
+summary = {"layers": layers, **{f"{tool}_s_per_layer": round(s / layers, 2) for tool, s in wall.items()}}
+if len(wall) == 2:
+    summary["quantmill_over_gptqmodel"] = round(wall["quantmill"] / wall["gptqmodel-7.6.0"], 3)
+(out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+print(summary)
+PY
 echo "== done"; date
